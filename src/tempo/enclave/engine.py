@@ -1,0 +1,129 @@
+"""`protect`: wrap an unmodified model so that every product it computes is offloaded.
+
+The engine holds what lives in the enclave for a run: the worker pool, the scheme, the key
+stream, the integrity settings and the counters. The protected model runs the user's module
+unchanged under :class:`~tempo.enclave.intercept.OffloadMode`; parameters, optimizer and loss
+stay ordinary PyTorch objects in the enclave.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError, UnsupportedModelError
+from ..products import OpShapes, Product, ProductKind
+from ..schemes import Scheme, get_scheme
+from . import ops  # noqa: F401  (registers the op handlers)
+from .integrity import verify
+from .intercept import OffloadMode, warn_once
+from .keys import KeyStream
+from .pools import WorkerPool
+from .protocol import OffloadStats
+
+# Module types whose products Tempo cannot offload; they run in the enclave (or are refused).
+NOT_OFFLOADED: tuple[type[nn.Module], ...] = (
+    nn.RNNBase, nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Bilinear,
+)
+
+
+class Engine:
+    """Per-run enclave state shared by every offloaded op of one protected model."""
+
+    def __init__(self, pool: WorkerPool, scheme: Scheme, *, checks: int, rng: KeyStream):
+        self.pool, self.scheme, self.checks, self.rng = pool, scheme, checks, rng
+        self.stats = OffloadStats()
+        self.step = 0
+        self.scope: list[str] = []
+        self._ids = itertools.count(1)
+        self._rr = itertools.cycle(range(pool.size))
+        self._releases: dict[int, list[int]] = {}
+        self._warned: set = set()
+
+    def new_id(self) -> int:
+        return next(self._ids)
+
+    def next_worker(self) -> int:
+        return next(self._rr)
+
+    def op_name(self, function: str) -> str:
+        """Qualified name of the module that is running, plus the function when it is functional."""
+        module = self.scope[-1] if self.scope else "<model>"
+        return module if function in ("linear", "conv2d") else f"{module}:{function}"
+
+    def release(self, worker: int, handle: int) -> None:
+        self._releases.setdefault(worker, []).append(handle)
+
+    def take_releases(self, worker: int) -> tuple[int, ...]:
+        return tuple(self._releases.pop(worker, ()))
+
+    def verify(self, kind: ProductKind, product: Product, u: Tensor, v: Tensor, claim: Tensor,
+               shapes: OpShapes) -> str | None:
+        return verify(kind, product, u, v, claim, shapes=shapes, checks=self.checks, rng=self.rng)
+
+    def note_in_enclave(self, func: Callable) -> None:
+        name = getattr(func, "__name__", str(func))
+        where = self.scope[-1] if self.scope else "<model>"
+        warn_once(self._warned, (where, name),
+                  f"tempo: '{where}' calls {name}, which is not offloaded: it runs inside the enclave")
+
+
+class ProtectedModel(nn.Module):
+    """The user's model, run with every product offloaded. ``.module`` is the original model."""
+
+    def __init__(self, module: nn.Module, engine: Engine):
+        super().__init__()
+        self.module = module
+        self.engine = engine
+        self._hooks = [h for name, m in module.named_modules() for h in self._scope_hooks(name or "<model>", m)]
+
+    def _scope_hooks(self, name: str, m: nn.Module) -> list:
+        scope = self.engine.scope
+        pre = m.register_forward_pre_hook(lambda *_: scope.append(name))
+        post = m.register_forward_hook(lambda *_: scope.pop() and None, always_call=True)
+        return [pre, post]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.training and torch.is_grad_enabled():
+            self.engine.step += 1
+        with OffloadMode(self.engine):
+            return self.module(*args, **kwargs)
+
+
+def validate_model(model: nn.Module) -> list[str]:
+    """Every layer whose products cannot be offloaded, by qualified name (all of them, not the first)."""
+    return [f"{name or '<model>'} ({type(m).__name__})" for name, m in model.named_modules()
+            if isinstance(m, NOT_OFFLOADED)]
+
+
+def protect(model: nn.Module, workers: WorkerPool, *, scheme: str | Scheme = "permute", checks: int = 2,
+            strict: bool = False, key_seed: int | None = None) -> ProtectedModel:
+    """Wrap `model` so every linear, convolution and attention product runs blinded on `workers`.
+
+    Args:
+        model: any nn.Module; it is not modified apart from forward hooks that name its ops.
+        workers: a pool from :func:`tempo.local_workers`.
+        scheme: blinding scheme name (``"permute"``; ``"none"`` is the insecure reference).
+        checks: Freivalds vectors per product (t); a wrong result slips through with prob <= 2^-t.
+        strict: refuse layers that cannot be offloaded instead of running them in the enclave.
+        key_seed: make keys reproducible. Predictable keys are insecure: tests and experiments only.
+    """
+    blinding = get_scheme(scheme)
+    if checks < 0:
+        raise ConfigError(f"checks must be >= 0, got {checks}")
+    if not blinding.secure:
+        warnings.warn(f"tempo: scheme '{blinding.name}' is INSECURE: {blinding.summary}", stacklevel=2)
+    if checks == 0:
+        warnings.warn("tempo: checks=0 disables integrity checks: workers' results are used unverified",
+                      stacklevel=2)
+    offenders = validate_model(model)
+    if offenders and strict:
+        raise UnsupportedModelError(offenders)
+    for o in offenders:
+        warnings.warn(f"tempo: {o} cannot be offloaded and runs inside the enclave", stacklevel=2)
+    return ProtectedModel(model, Engine(workers, blinding, checks=checks, rng=KeyStream(key_seed)))

@@ -1,0 +1,158 @@
+"""Worker pools on one machine: in-process (no transport) and separate worker processes.
+
+A pool only moves jobs and replies and counts the bytes; it trusts nothing it receives (the
+protocol validates every reply). Both backends run the same :class:`~tempo.worker.WorkerCore`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from abc import ABC, abstractmethod
+from types import TracebackType
+
+from ..errors import ConfigError, WorkerLostError, WorkerTimeoutError
+from ..wire.messages import Job, Reply, Shutdown
+from ..wire.transport import SocketTransport, TrafficStats
+from ..worker.core import WorkerCore
+
+DEFAULT_TIMEOUT_S = 600.0
+
+
+def tensor_bytes(msg: Job | Reply) -> int:
+    """Payload bytes of a message's tensors (what an in-process 'wire' would carry)."""
+    tensors = list(getattr(msg, "tensors", {}).values())
+    tensors += [getattr(msg, n) for n in ("x", "w", "dy") if hasattr(msg, n)]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class WorkerPool(ABC):
+    """A fixed set of workers addressed by index."""
+
+    def __init__(self) -> None:
+        self.stats = TrafficStats()
+
+    @property
+    @abstractmethod
+    def size(self) -> int: ...
+
+    @abstractmethod
+    def name(self, index: int) -> str: ...
+
+    @abstractmethod
+    def call(self, index: int, job: Job) -> Reply:
+        """Send one job to worker `index` and wait for its reply."""
+
+    def close(self) -> None:
+        """Stop the workers."""
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+class InProcessPool(WorkerPool):
+    """Workers as objects in this process: no transport, for tests and single-GPU boxes."""
+
+    def __init__(self, n: int, *, device: str | None = None, cores: list[WorkerCore] | None = None):
+        super().__init__()
+        self.cores = cores if cores is not None else [WorkerCore(device) for _ in range(n)]
+
+    @property
+    def size(self) -> int:
+        return len(self.cores)
+
+    def name(self, index: int) -> str:
+        return f"inproc-{index}"
+
+    def call(self, index: int, job: Job) -> Reply:
+        self.stats.bytes_sent += tensor_bytes(job)
+        self.stats.messages_sent += 1
+        reply = self.cores[index].handle(job)
+        self.stats.bytes_received += tensor_bytes(reply)
+        self.stats.messages_received += 1
+        return reply
+
+
+class ProcessPool(WorkerPool):
+    """Each worker is a separate `python -m tempo.worker` process joined by a socket pair."""
+
+    def __init__(self, n: int, *, timeout: float = DEFAULT_TIMEOUT_S, device: str | None = None):
+        super().__init__()
+        self.timeout = timeout
+        self._procs: list[subprocess.Popen] = []
+        self._links: list[SocketTransport] = []
+        try:
+            for i in range(n):
+                self._spawn(i, device)
+        except BaseException:
+            self.close()
+            raise
+
+    def _spawn(self, i: int, device: str | None) -> None:
+        ours, theirs = socket.socketpair()
+        cmd = [sys.executable, "-m", "tempo.worker", "--fd", str(theirs.fileno()), "--name", f"worker-{i}"]
+        if device:
+            cmd += ["--device", device]
+        proc = subprocess.Popen(cmd, pass_fds=[theirs.fileno()], env={**os.environ})
+        theirs.close()
+        self._procs.append(proc)
+        self._links.append(SocketTransport(ours, peer=f"worker-{i} (pid {proc.pid})"))
+
+    @property
+    def size(self) -> int:
+        return len(self._links)
+
+    def name(self, index: int) -> str:
+        return self._links[index].peer
+
+    def call(self, index: int, job: Job) -> Reply:
+        link = self._links[index]
+        try:
+            link.send(job)
+            reply = link.recv(timeout=self.timeout)
+        except WorkerLostError as e:
+            code = self._procs[index].poll()
+            status = f"exited with code {code}" if code is not None else "is still running"
+            raise WorkerLostError(f"{e}; the worker process {status}") from None
+        except WorkerTimeoutError as e:
+            raise WorkerTimeoutError(f"{e} (timeout {self.timeout} s)") from None
+        finally:
+            self._sync_stats()
+        return reply
+
+    def _sync_stats(self) -> None:
+        self.stats = TrafficStats(*(sum(getattr(link.stats, f) for link in self._links)
+                                    for f in ("bytes_sent", "bytes_received", "messages_sent",
+                                              "messages_received")))
+
+    def close(self) -> None:
+        for link, proc in zip(self._links, self._procs, strict=False):
+            if proc.poll() is None:
+                try:
+                    link.send(Shutdown())
+                except WorkerLostError:
+                    pass
+            link.close()
+        for proc in self._procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._procs, self._links = [], []
+
+
+def local_workers(n: int = 2, *, in_process: bool = False, timeout: float = DEFAULT_TIMEOUT_S,
+                  device: str | None = None) -> WorkerPool:
+    """Start `n` workers on this machine: separate processes by default, or objects in this process."""
+    if n < 1:
+        raise ConfigError(f"need at least one worker, got {n}")
+    if in_process:
+        return InProcessPool(n, device=device)
+    return ProcessPool(n, timeout=timeout, device=device)

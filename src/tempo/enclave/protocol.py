@@ -1,0 +1,147 @@
+"""Blind -> send -> compute -> verify -> unblind: written once for every offloaded product.
+
+An :class:`OffloadedOp` is one invocation of one op. Its forward draws a fresh key, blinds X and
+W, and sends them to a worker, which keeps what the backward will need. Its backward blinds only
+dY (same key), and the worker answers dX' and dW' from what it kept. Every reply is treated as
+hostile: job id, names, dtype and shape are checked first, then each product is verified with
+Freivalds checks in plaintext space (unblinding a permutation is exact, so this is the same test
+as on the blinded product, and the enclave keeps no blinded copies). A result that fails is
+never returned.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from ..errors import IntegrityError, WorkerError
+from ..products import OpShapes, Product, ProductKind
+from ..schemes import Operand
+from ..wire.messages import BackwardJob, Failure, ForwardJob, Job, Reply, Result
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+
+@dataclass
+class OffloadStats:
+    """Counters the engine keeps across a run (benchmarks and metrics read them)."""
+
+    products: dict[str, int] = field(default_factory=dict)
+    worker_seconds: float = 0.0  # wall time spent waiting on workers
+    checks_failed: int = 0
+
+    def count(self, product: Product) -> None:
+        self.products[product.value] = self.products.get(product.value, 0) + 1
+
+
+class OffloadedOp:
+    """One invocation of an offloaded bilinear op: its key, its worker, its kept handle."""
+
+    def __init__(self, engine: Engine, kind: ProductKind, name: str):
+        self.engine, self.kind, self.name = engine, kind, name
+        self.step = engine.step
+        self.worker = engine.next_worker()
+        self.handle = engine.new_id()
+        self.key = None
+        self.shapes: OpShapes | None = None
+        self.keep_x = self.keep_w = False
+        self._finalizer: weakref.finalize | None = None
+
+    def forward(self, x: Tensor, w: Tensor, *, keep_x: bool, keep_w: bool) -> Tensor:
+        eng, layouts = self.engine, self.kind.layouts()
+        problem = self.kind.check_operands(x.shape, w.shape)
+        if problem:
+            raise ValueError(f"op '{self.name}': {problem}")
+        self.shapes = OpShapes(x.shape, w.shape, self.kind.output_shape(x.shape, w.shape))
+        self.key = eng.scheme.new_key(self.kind.key_shape(x.shape, w.shape), eng.rng)
+        job = ForwardJob(
+            job_id=eng.new_id(), handle=self.handle, kind=self.kind.name, params=self.kind.params(),
+            x=eng.scheme.blind(x.detach(), layouts.x, Operand.X, self.key),
+            w=eng.scheme.blind(w.detach(), layouts.w, Operand.W, self.key),
+            keep_x=keep_x, keep_w=keep_w, release=eng.take_releases(self.worker))
+        if keep_x or keep_w:  # if the backward never comes, tell the worker to drop what it kept
+            self._finalizer = weakref.finalize(self, eng.release, self.worker, self.handle)
+        (y,) = self._call(job, "forward", {"y": (self.shapes.y, x.dtype)})
+        y = eng.scheme.unblind(y, layouts.y, Operand.Y, self.key)
+        self._verify(Product.FORWARD, x, w, y)
+        return y
+
+    def backward(self, dy: Tensor, x: Tensor, w: Tensor, *, need_dx: bool, need_dw: bool
+                 ) -> tuple[Tensor | None, Tensor | None]:
+        if self._finalizer is not None:
+            self._finalizer.detach()  # the backward job itself frees the handle
+        if not (need_dx or need_dw):
+            self.engine.release(self.worker, self.handle)
+            return None, None
+        eng, layouts = self.engine, self.kind.layouts()
+        dy = dy.to(x.dtype).contiguous()
+        job = BackwardJob(job_id=eng.new_id(), handle=self.handle,
+                          dy=eng.scheme.blind(dy, layouts.y, Operand.DY, self.key),
+                          need_dx=need_dx, need_dw=need_dw, release=eng.take_releases(self.worker))
+        expect = {}
+        if need_dx:
+            expect["dx"] = (self.shapes.x, x.dtype)
+        if need_dw:
+            expect["dw"] = (self.shapes.w, x.dtype)
+        results = dict(zip(expect, self._call(job, "backward", expect), strict=True))
+        dx = dw = None
+        if need_dx:
+            dx = eng.scheme.unblind(results["dx"], layouts.x, Operand.DX, self.key)
+            self._verify(Product.GRAD_INPUT, dy, w, dx)
+        if need_dw:
+            dw = eng.scheme.unblind(results["dw"], layouts.w, Operand.DW, self.key)
+            self._verify(Product.GRAD_WEIGHT, x, dy, dw)
+        return dx, dw
+
+    # -- hostile-reply handling ------------------------------------------------------------------
+    def _call(self, job: Job, label: str, expect: dict[str, tuple[torch.Size, torch.dtype]]
+              ) -> list[Tensor]:
+        eng = self.engine
+        start = time.perf_counter()
+        try:
+            reply = eng.pool.call(self.worker, job)
+        except WorkerError as e:
+            raise type(e)(f"op '{self.name}' ({label}) at step {self.step}: {e}") from None
+        finally:
+            eng.stats.worker_seconds += time.perf_counter() - start
+        return self._validate(reply, job, label, expect)
+
+    def _validate(self, reply: Reply, job: Job, label: str,
+                  expect: dict[str, tuple[torch.Size, torch.dtype]]) -> list[Tensor]:
+        worker = self.engine.pool.name(self.worker)
+        if isinstance(reply, Failure):
+            raise WorkerError(f"worker {worker} failed op '{self.name}' ({label}) at step "
+                              f"{self.step}: {reply.message}")
+
+        def lie(detail: str) -> IntegrityError:
+            self.engine.stats.checks_failed += 1
+            return IntegrityError(op=self.name, product=label, step=self.step, worker=worker,
+                                  detail=detail)
+
+        if not isinstance(reply, Result) or reply.job_id != job.job_id:
+            raise lie(f"reply {type(reply).__name__} #{getattr(reply, 'job_id', '?')} does not answer "
+                      f"job #{job.job_id}")
+        if set(reply.tensors) != set(expect):
+            raise lie(f"reply carries tensors {sorted(reply.tensors)}, expected {sorted(expect)}")
+        out = []
+        for name, (shape, dtype) in expect.items():
+            t = reply.tensors[name]
+            if t.shape != shape or t.dtype != dtype:
+                raise lie(f"result '{name}' is {t.dtype} {list(t.shape)}, expected {dtype} {list(shape)}")
+            out.append(t)
+        return out
+
+    def _verify(self, product: Product, u: Tensor, v: Tensor, claim: Tensor) -> None:
+        eng = self.engine
+        eng.stats.count(product)
+        problem = eng.verify(self.kind, product, u.detach(), v.detach(), claim, self.shapes)
+        if problem:
+            eng.stats.checks_failed += 1
+            raise IntegrityError(op=self.name, product=product.value, step=self.step,
+                                 worker=eng.pool.name(self.worker), detail=problem)

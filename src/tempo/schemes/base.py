@@ -1,0 +1,55 @@
+"""The interface every blinding scheme implements.
+
+A scheme turns a product's :class:`~tempo.products.KeyShape` into a fresh secret key and
+applies it to operands axis by axis, using only the role of each axis
+(:class:`~tempo.products.Role`). The protocol never branches on the scheme. Randomness is passed
+in, so tests can seed it and attacks can reason about it.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any, ClassVar, Protocol
+
+from torch import Tensor
+
+from ..products import KeyShape, Layout
+
+
+class RandomSource(Protocol):
+    """Cryptographically strong randomness (see tempo.enclave.keys.KeyStream)."""
+
+    def permutation(self, n: int) -> Tensor: ...
+
+    def signs(self, shape: Sequence[int]) -> Tensor: ...
+
+
+class Operand(str, enum.Enum):
+    """Which tensor of the product is being (un)blinded; schemes with non-orthogonal keys need it."""
+
+    X = "x"
+    W = "w"
+    DY = "dy"
+    Y = "y"
+    DX = "dx"
+    DW = "dw"
+
+
+class Scheme(ABC):
+    name: ClassVar[str]
+    secure: ClassVar[bool] = True
+    summary: ClassVar[str]
+
+    @abstractmethod
+    def new_key(self, shape: KeyShape, rng: RandomSource) -> Any:
+        """A fresh key for one op invocation (its forward and its backward)."""
+
+    @abstractmethod
+    def blind(self, t: Tensor, layout: Layout, operand: Operand, key: Any) -> Tensor:
+        """The blinded copy of t that may leave the enclave. Must not alias t's storage."""
+
+    @abstractmethod
+    def unblind(self, t: Tensor, layout: Layout, operand: Operand, key: Any) -> Tensor:
+        """Map a worker's result back to plaintext space."""

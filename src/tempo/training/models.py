@@ -1,0 +1,62 @@
+"""Build torchvision / timm models by name, adapted to a dataset's channels and image size.
+
+Adaptation changes only the input layer (channels) and, for ViTs, the image and patch size;
+the rest of the architecture is the library's own.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+
+def _adapt_first_conv(model: nn.Module, channels: int) -> None:
+    """Give the first Conv2d `channels` input channels (same kernel, stride, padding)."""
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, nn.Conv2d):
+                if child.in_channels != channels:
+                    setattr(parent, name, nn.Conv2d(
+                        channels, child.out_channels, child.kernel_size, child.stride, child.padding,
+                        child.dilation, child.groups if child.groups == 1 else channels,
+                        bias=child.bias is not None, padding_mode=child.padding_mode))
+                return
+
+
+def _vit_patch(image_size: int) -> int:
+    return 4 if image_size <= 64 else 16
+
+
+def build_model(name: str, *, num_classes: int, channels: int, image_size: int) -> nn.Module:
+    """`name` is a torchvision model (``resnet18``, ``vit_b_16``) or ``timm:<name>`` / a timm name."""
+    import timm
+    import torchvision
+
+    tv_names = set(torchvision.models.list_models(module=torchvision.models))
+    timm_name = name.removeprefix("timm:")
+    if not name.startswith("timm:") and name in tv_names:
+        kwargs: dict = {"num_classes": num_classes}
+        if name.startswith("vit_"):  # torchvision fixes the patch size by name
+            kwargs["image_size"] = image_size
+        model = torchvision.models.get_model(name, weights=None, **kwargs)
+    elif timm.is_model(timm_name):
+        kwargs = {"num_classes": num_classes, "in_chans": channels, "pretrained": False}
+        if "vit" in timm_name or "deit" in timm_name:
+            kwargs.update(img_size=image_size, patch_size=_vit_patch(image_size))
+        model = timm.create_model(timm_name, **kwargs)
+    else:
+        close = difflib.get_close_matches(timm_name, sorted(tv_names) + timm.list_models(), n=3)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise ConfigError(f"unknown model {name!r}: not a torchvision or timm model name.{hint}")
+    _adapt_first_conv(model, channels)
+    with torch.no_grad():  # fail now, with a clear message, if the adaptation did not fit
+        try:
+            model.eval()(torch.zeros(2, channels, image_size, image_size))
+        except RuntimeError as e:
+            raise ConfigError(f"model {name!r} does not accept {channels}x{image_size}x{image_size} "
+                              f"inputs: {e}") from None
+    return model.train()

@@ -1,0 +1,30 @@
+"""The worker's serving loop over a transport."""
+
+from __future__ import annotations
+
+import logging
+
+from ..errors import ProtocolError
+from ..wire.messages import BackwardJob, Failure, ForwardJob, Shutdown
+from ..wire.transport import SocketTransport
+from .core import WorkerCore
+
+log = logging.getLogger("tempo.worker")
+
+
+def serve(transport: SocketTransport, core: WorkerCore) -> None:
+    """Answer jobs until Shutdown or the enclave hangs up."""
+    log.info("worker serving on %s (device %s)", transport.peer, core.device)
+    while True:
+        try:
+            msg = transport.recv()
+        except ProtocolError as e:
+            log.error("rejected a malformed message: %s", e)
+            transport.send(Failure(-1, f"malformed message: {e}"))
+            continue
+        if isinstance(msg, Shutdown):
+            return
+        if not isinstance(msg, ForwardJob | BackwardJob):
+            transport.send(Failure(-1, f"workers accept only jobs, got {type(msg).__name__}"))
+            continue
+        transport.send(core.handle(msg))
