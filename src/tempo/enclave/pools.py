@@ -45,6 +45,7 @@ class WorkerPool(ABC):
     def call(self, index: int, job: Job) -> Reply:
         """Send one job to worker `index` and wait for its reply."""
 
+    @abstractmethod
     def close(self) -> None:
         """Stop the workers."""
 
@@ -77,6 +78,9 @@ class InProcessPool(WorkerPool):
         self.stats.bytes_received += tensor_bytes(reply)
         self.stats.messages_received += 1
         return reply
+
+    def close(self) -> None:
+        self.cores = []
 
 
 class ProcessPool(WorkerPool):

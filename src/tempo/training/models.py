@@ -33,11 +33,31 @@ def _vit_patch(image_size: int) -> int:
 
 def build_model(name: str, *, num_classes: int, channels: int, image_size: int) -> nn.Module:
     """`name` is a torchvision model (``resnet18``, ``vit_b_16``) or ``timm:<name>`` / a timm name."""
-    import timm
     import torchvision
 
     tv_names = set(torchvision.models.list_models(module=torchvision.models))
     timm_name = name.removeprefix("timm:")
+    try:
+        model = _construct(name, timm_name, tv_names, num_classes=num_classes, channels=channels,
+                           image_size=image_size)
+    except (AssertionError, ValueError, RuntimeError) as e:
+        raise ConfigError(f"cannot build model {name!r} for {channels}x{image_size}x{image_size} inputs: "
+                          f"{e or type(e).__name__}") from None
+    _adapt_first_conv(model, channels)
+    with torch.no_grad():  # fail now, with a clear message, if the adaptation did not fit
+        try:
+            model.eval()(torch.zeros(2, channels, image_size, image_size))
+        except (AssertionError, RuntimeError) as e:
+            raise ConfigError(f"model {name!r} does not accept {channels}x{image_size}x{image_size} "
+                              f"inputs: {e}") from None
+    return model.train()
+
+
+def _construct(name: str, timm_name: str, tv_names: set[str], *, num_classes: int, channels: int,
+               image_size: int) -> nn.Module:
+    import timm
+    import torchvision
+
     if not name.startswith("timm:") and name in tv_names:
         kwargs: dict = {"num_classes": num_classes}
         if name.startswith("vit_"):  # torchvision fixes the patch size by name
@@ -49,14 +69,8 @@ def build_model(name: str, *, num_classes: int, channels: int, image_size: int) 
             kwargs.update(img_size=image_size, patch_size=_vit_patch(image_size))
         model = timm.create_model(timm_name, **kwargs)
     else:
-        close = difflib.get_close_matches(timm_name, sorted(tv_names) + timm.list_models(), n=3)
+        candidates = sorted(tv_names | set(timm.list_models()))
+        close = difflib.get_close_matches(timm_name, candidates, n=3)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
         raise ConfigError(f"unknown model {name!r}: not a torchvision or timm model name.{hint}")
-    _adapt_first_conv(model, channels)
-    with torch.no_grad():  # fail now, with a clear message, if the adaptation did not fit
-        try:
-            model.eval()(torch.zeros(2, channels, image_size, image_size))
-        except RuntimeError as e:
-            raise ConfigError(f"model {name!r} does not accept {channels}x{image_size}x{image_size} "
-                              f"inputs: {e}") from None
-    return model.train()
+    return model
