@@ -103,7 +103,10 @@ class ProcessPool(WorkerPool):
         cmd = [sys.executable, "-m", "tempo.worker", "--fd", str(theirs.fileno()), "--name", f"worker-{i}"]
         if device:
             cmd += ["--device", device]
-        proc = subprocess.Popen(cmd, pass_fds=[theirs.fileno()], env={**os.environ})
+        # PASSIVE: idle OpenMP threads sleep instead of spinning, so the enclave and the workers
+        # sharing cores do not starve each other. A new session keeps Ctrl-C for the enclave alone.
+        env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
+        proc = subprocess.Popen(cmd, pass_fds=[theirs.fileno()], env=env, start_new_session=True)
         theirs.close()
         self._procs.append(proc)
         self._links.append(SocketTransport(ours, peer=f"worker-{i} (pid {proc.pid})"))

@@ -54,18 +54,22 @@ class OffloadedOp:
         self._finalizer: weakref.finalize | None = None
 
     def forward(self, x: Tensor, w: Tensor, *, keep_x: bool, keep_w: bool) -> Tensor:
-        eng, layouts = self.engine, self.kind.layouts()
         problem = self.kind.check_operands(x.shape, w.shape)
         if problem:
             raise ValueError(f"op '{self.name}': {problem}")
         self.shapes = OpShapes(x.shape, w.shape, self.kind.output_shape(x.shape, w.shape))
-        self.key = eng.scheme.new_key(self.kind.key_shape(x.shape, w.shape), eng.rng)
+        self.key = self.engine.scheme.new_key(self.kind.key_shape(x.shape, w.shape), self.engine.rng)
+        self.keep_x, self.keep_w = keep_x, keep_w
+        return self._submit_forward(x, w)
+
+    def _submit_forward(self, x: Tensor, w: Tensor) -> Tensor:
+        eng, layouts = self.engine, self.kind.layouts()
         job = ForwardJob(
             job_id=eng.new_id(), handle=self.handle, kind=self.kind.name, params=self.kind.params(),
             x=eng.scheme.blind(x.detach(), layouts.x, Operand.X, self.key),
             w=eng.scheme.blind(w.detach(), layouts.w, Operand.W, self.key),
-            keep_x=keep_x, keep_w=keep_w, release=eng.take_releases(self.worker))
-        if keep_x or keep_w:  # if the backward never comes, tell the worker to drop what it kept
+            keep_x=self.keep_x, keep_w=self.keep_w, release=eng.take_releases(self.worker))
+        if self.keep_x or self.keep_w:  # if the backward never comes, tell the worker to drop what it kept
             self._finalizer = weakref.finalize(self, eng.release, self.worker, self.handle)
         (y,) = self._call(job, "forward", {"y": (self.shapes.y, x.dtype)})
         y = eng.scheme.unblind(y, layouts.y, Operand.Y, self.key)
@@ -74,8 +78,14 @@ class OffloadedOp:
 
     def backward(self, dy: Tensor, x: Tensor, w: Tensor, *, need_dx: bool, need_dw: bool
                  ) -> tuple[Tensor | None, Tensor | None]:
+        if self._finalizer is None:
+            # A second backward through a retained graph: the worker freed X', W' after the first.
+            # Send them again under a new handle (same key) rather than keep them for every op.
+            self.handle = self.engine.new_id()
+            self._submit_forward(x, w)
         if self._finalizer is not None:
             self._finalizer.detach()  # the backward job itself frees the handle
+            self._finalizer = None
         if not (need_dx or need_dw):
             self.engine.release(self.worker, self.handle)
             return None, None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import KeyShape, Layout, Layouts, OpShapes, Product, ProductKind, Role
+from .base import KeyShape, Layout, Layouts, OpShapes, Product, ProductKind, Role, sum_of_squares
 from .conv2d import Conv2d
 from .matmul import BatchedMatmul, Linear
 
@@ -23,5 +23,5 @@ def make_kind(name: str, params: dict) -> ProductKind:
 
 __all__ = [
     "KINDS", "BatchedMatmul", "Conv2d", "KeyShape", "Layout", "Layouts", "Linear", "OpShapes",
-    "Product", "ProductKind", "Role", "make_kind",
+    "Product", "ProductKind", "Role", "make_kind", "sum_of_squares",
 ]

@@ -18,6 +18,7 @@ needs to know about an op. Nothing here is secret; both sides import it.
 from __future__ import annotations
 
 import enum
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -96,10 +97,24 @@ class ProductKind(ABC):
 
     # -- Freivalds sketches ----------------------------------------------------------------------
     # For product p = g(u, v): (u, v) = (x, w) forward, (dy, w) grad_input, (x, dy) grad_weight.
-    # The contracted axis of the result always comes from v, so contracting v first is cheap.
+    # The contracted axis of the result is a free axis that comes from one operand only (u or v),
+    # so that operand is contracted first, which is cheap. Which axis is a kind's choice (speed,
+    # and the length of the axis, which enters the rounding tolerance).
     @abstractmethod
     def sketch(self, product: Product, u: Tensor, v: Tensor, r: Tensor, shapes: OpShapes) -> Tensor:
-        """g(u, v) with its v-derived axis contracted by the columns of r (shape [axis, t])."""
+        """g(u, v) with one free axis contracted by the columns of r (shape [axis, t])."""
+
+    def sketch_squares(self, product: Product, u: Tensor, v: Tensor, columns: int, shapes: OpShapes
+                       ) -> Tensor:
+        """Per sketch entry, the sum of its squared terms: ``sketch(u∘u, v∘v, 1)``.
+
+        The terms of a sketch entry are ``r_a u_i v_j`` with ``r_a = ±1``, so their squares do not
+        depend on r: one all-ones column is enough. The result broadcasts against sketch()'s
+        output for `columns` columns (kinds may return it with a size-1 column axis). Kinds
+        override this with cheaper reductions of the same quantity.
+        """
+        ones = u.new_ones(self.sketch_axis(product, shapes), columns)
+        return self.sketch(product, u * u, v * v, ones, shapes)
 
     @abstractmethod
     def contract(self, product: Product, z: Tensor, r: Tensor) -> Tensor:
@@ -119,3 +134,30 @@ class OpShapes:
     x: torch.Size
     w: torch.Size
     y: torch.Size
+
+
+_CHUNK_BYTES = 1 << 18  # slices this small stay in cache between squaring and summing
+
+
+def sum_of_squares(t: Tensor, dim: int) -> Tensor:
+    """``(t * t).sum(dim)`` in one pass over t: squared in cache-sized slices, no squared copy of t."""
+    shape = t.shape
+    dim = dim % t.dim()
+    lead, d, trail = math.prod(shape[:dim]), shape[dim], math.prod(shape[dim + 1:])
+    out_shape = (*shape[:dim], *shape[dim + 1:])
+    if trail == 1:  # a fused reduction along the last axis
+        return torch.linalg.vector_norm(t.reshape(lead, d), dim=1).square_().reshape(out_shape)
+    t3 = t.reshape(lead, d, trail)
+    if lead > 1:
+        step = max(1, _CHUNK_BYTES // max(1, d * trail * t.element_size()))
+        out = t.new_empty(lead, trail)
+        for i in range(0, lead, step):
+            c = t3[i:i + step]
+            torch.sum(c * c, 1, out=out[i:i + step])
+        return out.reshape(out_shape)
+    step = max(1, _CHUNK_BYTES // max(1, trail * t.element_size()))
+    out = t.new_zeros(trail)
+    for i in range(0, d, step):
+        c = t3[0, i:i + step]
+        out += (c * c).sum(0)
+    return out.reshape(out_shape)

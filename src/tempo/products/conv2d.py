@@ -6,14 +6,14 @@ channels the output axis; spatial axes are not blinded by channel keys.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.grad import conv2d_input, conv2d_weight
 
-from .base import KeyShape, Layouts, OpShapes, Product, ProductKind, Role
+from .base import KeyShape, Layouts, OpShapes, Product, ProductKind, Role, sum_of_squares
 
 
 def _pair(v: int | Sequence[int]) -> tuple[int, int]:
@@ -75,38 +75,133 @@ class Conv2d(ProductKind):
         return F.conv2d(x, w, None, **self._conv_args())
 
     def grad_input(self, dy: Tensor, w: Tensor, x_shape: Sequence[int]) -> Tensor:
-        return conv2d_input(list(x_shape), w, dy, **self._conv_args())
+        return self._conv_input(x_shape, w, dy)
+
+    def _conv_input(self, x_shape: Sequence[int], w: Tensor, dy: Tensor) -> Tensor:
+        """conv2d's gradient with respect to an input of shape x_shape, as a transposed convolution.
+
+        Same result as ``torch.nn.grad.conv2d_input``, which passes convolution_backward an
+        expanded dummy input that some backends copy to full size first.
+        """
+        extra = [x_shape[2 + i] - ((dy.shape[2 + i] - 1) * self.stride[i] - 2 * self.padding[i]
+                                   + self.dilation[i] * (w.shape[2 + i] - 1) + 1) for i in range(2)]
+        if min(extra) < 0 or any(e >= max(s, d) for e, s, d in zip(extra, self.stride, self.dilation, strict=True)):
+            return conv2d_input(list(x_shape), w, dy, **self._conv_args())
+        return F.conv_transpose2d(dy, w, None, self.stride, self.padding, extra, self.groups, self.dilation)
 
     def grad_weight(self, x: Tensor, dy: Tensor, w_shape: Sequence[int]) -> Tensor:
         return conv2d_weight(x, list(w_shape), dy, **self._conv_args())
 
-    # -- sketches: contract a channel axis within each group -----------------------------------
-    def _per_group(self, t: Tensor, dim: int) -> Tensor:
-        """View channel axis `dim` of t as [groups, channels per group]."""
-        shape = list(t.shape)
-        return t.reshape([*shape[:dim], self.groups, shape[dim] // self.groups, *shape[dim + 1:]])
+    # -- sketches ------------------------------------------------------------------------------
+    # The contracted axis is chosen per call from the shapes, to touch the larger operand as few
+    # times as possible (on CPU these checks are bound by memory traffic and by small-channel
+    # kernels far below peak):
+    # * forward / grad_input, activation-heavy (X resp. dY at least as large as W): contract the
+    #   batch axis, from u. r^T u is a t-image batch and the sketch is the same convolution on t
+    #   images with every channel (fast kernels; W is read a few times, u once or twice).
+    # * forward / grad_input, weight-heavy (W larger): contract W's output (forward) or input
+    #   (grad_input) channels within each group, from W. W is read twice: once to contract it
+    #   and once, in cache-sized slices, for its sum of squares.
+    # * grad_weight has no batch axis: it contracts dW's input channels (from X) or, when groups
+    #   have few input channels, its output channels (from dY); W is not read at all.
+    # A channel contraction is never chosen when the channel axis is as long as the batch axis,
+    # so that contract() can tell the two apart from the claim's shape and the length of r.
+    GW_MIN_INPUT_CHANNELS = 16  # measured: below this, t-input-channel weight gradients are slow
+
+    def _gw_on_inputs(self, w_shape: Sequence[int]) -> bool:
+        return w_shape[1] >= self.GW_MIN_INPUT_CHANNELS or w_shape[1] >= w_shape[0] // self.groups
+
+    def _on_channels(self, product: Product, shapes: OpShapes) -> bool:
+        """forward / grad_input: contract the channels of the result (else its batch axis)?"""
+        w_size = math.prod(shapes.w)
+        if product is Product.FORWARD:
+            return shapes.w[0] // self.groups != shapes.x[0] and w_size > math.prod(shapes.x)
+        return shapes.w[1] != shapes.x[0] and w_size > math.prod(shapes.y)
+
+    def _claim_on_channels(self, z: Tensor, r: Tensor) -> bool:
+        """The same decision, read off a forward / grad_input claim [N, C, H, W] and r."""
+        return r.shape[0] == z.shape[1] // self.groups and r.shape[0] != z.shape[0]
+
+    @staticmethod
+    def _batch_contract(t: Tensor, r: Tensor) -> Tensor:
+        """r^T t over axis 0: [axis, ...] -> [cols, ...] (one matrix product, no copy of t)."""
+        return (r.T @ t.reshape(t.shape[0], -1)).reshape(r.shape[1], *t.shape[1:])
+
+    def _channel_contract(self, t: Tensor, r: Tensor) -> Tensor:
+        """Channels of an [N, C, H, W] tensor contracted per group: -> [N, groups * cols, H, W]."""
+        n, c, h, w = t.shape
+        g, cols = self.groups, r.shape[1]
+        return (r.T @ t.reshape(n, g, c // g, h * w)).reshape(n, g * cols, h, w)
+
+    def _group_sum_sq(self, t: Tensor) -> Tensor:
+        """Squares of an [N, C, H, W] tensor summed over the channels of each group: [N, groups, H, W]."""
+        n, c, h, w = t.shape
+        return sum_of_squares(t.reshape(n, self.groups, c // self.groups, h * w), 2).reshape(n, self.groups, h, w)
+
+    def _per_group_columns(self, sq: Tensor, columns: int, dim: int) -> Tensor:
+        """Squares with one entry per group along `dim`, repeated for each of `columns` columns."""
+        if self.groups == 1:
+            return sq  # a size-1 axis broadcasts
+        shape = list(sq.shape)
+        sq = sq.unsqueeze(dim + 1).expand(*shape[:dim + 1], columns, *shape[dim + 1:])
+        return sq.reshape(*shape[:dim], shape[dim] * columns, *shape[dim + 1:])
 
     def sketch(self, product: Product, u: Tensor, v: Tensor, r: Tensor, shapes: OpShapes) -> Tensor:
+        args = self._conv_args()
         g, t = self.groups, r.shape[1]
-        if product is Product.FORWARD:  # contract W's output channels
-            w_r = torch.einsum("gockl,ot->gtckl", self._per_group(v, 0), r).flatten(0, 1)
-            return F.conv2d(u, w_r, None, **self._conv_args())
-        if product is Product.GRAD_INPUT:  # contract W's input channels
-            w_r = torch.einsum("ockl,ct->otkl", v, r)
-            x_shape = [shapes.x[0], g * t, *shapes.x[2:]]
-            return conv2d_input(x_shape, w_r, u, **self._conv_args())
-        dy_r = torch.einsum("ngohw,ot->ngthw", self._per_group(v, 1), r).flatten(1, 2)
-        return conv2d_weight(u, [g * t, *shapes.w[1:]], dy_r, **self._conv_args())
+        if product is Product.FORWARD:
+            if self._on_channels(product, shapes):  # conv(X, W contracted over its output channels)
+                w_r = (r.T @ v.reshape(g, v.shape[0] // g, -1)).reshape(g * t, *v.shape[1:])
+                return F.conv2d(u, w_r, None, **args)  # [N, g*t, H', W']
+            return F.conv2d(self._batch_contract(u, r), v, None, **args)  # [t, O, H', W']
+        if product is Product.GRAD_INPUT:
+            if self._on_channels(product, shapes):  # W contracted over its input channels
+                o, cpg, kh, kw = v.shape
+                w_r = (r.T @ v.reshape(o, cpg, kh * kw)).reshape(o, t, kh, kw)
+                return self._conv_input([shapes.x[0], g * t, *shapes.x[2:]], w_r, u)  # [N, g*t, H, W]
+            return self._conv_input([t, *shapes.x[1:]], v, self._batch_contract(u, r))  # [t, C, H, W]
+        if self._gw_on_inputs(shapes.w):  # dW contracted over its input channels: [O, t, kh, kw]
+            return conv2d_weight(self._channel_contract(u, r), [shapes.w[0], t, *shapes.w[2:]], v, **args)
+        # over its output channels, per group: [g * t, C/g, kh, kw]
+        return conv2d_weight(u, [g * t, *shapes.w[1:]], self._channel_contract(v, r), **args)
 
     def contract(self, product: Product, z: Tensor, r: Tensor) -> Tensor:
-        if product is Product.GRAD_WEIGHT:
-            return torch.einsum("gockl,ot->gtckl", self._per_group(z, 0), r).flatten(0, 1)
-        return torch.einsum("ngchw,ct->ngthw", self._per_group(z, 1), r).flatten(1, 2)
+        if product is not Product.GRAD_WEIGHT:
+            return self._channel_contract(z, r) if self._claim_on_channels(z, r) else self._batch_contract(z, r)
+        o, cpg, kh, kw = z.shape
+        g, t = self.groups, r.shape[1]
+        if self._gw_on_inputs(z.shape):
+            return (r.T @ z.reshape(o, cpg, kh * kw)).reshape(o, t, kh, kw)
+        return (r.T @ z.reshape(g, o // g, -1)).reshape(g * t, cpg, kh, kw)
+
+    def sketch_squares(self, product: Product, u: Tensor, v: Tensor, columns: int, shapes: OpShapes
+                       ) -> Tensor:
+        args = self._conv_args()
+        g = self.groups
+        if product is Product.FORWARD:
+            if self._on_channels(product, shapes):  # [N, g (x columns), H', W']
+                w2 = sum_of_squares(v.reshape(g, v.shape[0] // g, -1), 1).reshape(g, *v.shape[1:])
+                return self._per_group_columns(F.conv2d(u * u, w2, None, **args), columns, 1)
+            # [1, O, H', W']: sum_n X[n]^2 convolved with W^2
+            return F.conv2d(sum_of_squares(u, 0).unsqueeze(0), v * v, None, **args)
+        if product is Product.GRAD_INPUT:
+            if self._on_channels(product, shapes):  # [N, g (x columns), H, W]
+                o, cpg, kh, kw = v.shape
+                w2 = sum_of_squares(v.reshape(o, cpg, kh * kw), 1).reshape(o, 1, kh, kw)
+                sq = self._conv_input([shapes.x[0], g, *shapes.x[2:]], w2, u * u)
+                return self._per_group_columns(sq, columns, 1)
+            return self._conv_input([1, *shapes.x[1:]], v * v, sum_of_squares(u, 0).unsqueeze(0))  # [1, C, H, W]
+        if self._gw_on_inputs(shapes.w):  # [O, 1, kh, kw]
+            return conv2d_weight(self._group_sum_sq(u), [shapes.w[0], 1, *shapes.w[2:]], v * v, **args)
+        sq = conv2d_weight(u * u, [g, *shapes.w[1:]], self._group_sum_sq(v), **args)  # [g, C/g, kh, kw]
+        return self._per_group_columns(sq, columns, 0)
 
     def sketch_axis(self, product: Product, shapes: OpShapes) -> int:
+        if product is Product.FORWARD:
+            return shapes.w[0] // self.groups if self._on_channels(product, shapes) else shapes.x[0]
         if product is Product.GRAD_INPUT:
-            return shapes.w[1]
-        return shapes.w[0] // self.groups
+            return shapes.w[1] if self._on_channels(product, shapes) else shapes.x[0]
+        return shapes.w[1] if self._gw_on_inputs(shapes.w) else shapes.w[0] // self.groups
 
     def contraction_length(self, product: Product, shapes: OpShapes) -> int:
         kernel = shapes.w[2] * shapes.w[3]

@@ -10,6 +10,46 @@ from torch import Tensor
 from .base import KeyShape, Layouts, OpShapes, Product, ProductKind, Role
 
 
+def _row_sq(t: Tensor) -> Tensor:
+    """Sums of squares along the last axis (a fused reduction: no squared copy of t)."""
+    return torch.linalg.vector_norm(t, dim=-1).square_()
+
+
+_CHUNK_BYTES = 1 << 18  # squared slices this small stay in cache between squaring and reducing
+
+
+def _squared_times(a: Tensor, s: Tensor, *, transpose: bool = False) -> Tensor:
+    """``(a∘a) @ s`` (or ``(a∘a)ᵀ @ s``) for a: [rows, k] or [g, rows, k], without a squared copy of a.
+
+    s is [k] (or [rows] when transposing) for 2-D a, [g, k] (or [g, rows]) for 3-D a. The squares
+    are formed slice by slice along the leading axis, in one small reused buffer.
+    """
+    step = max(1, _CHUNK_BYTES // max(1, a[0].numel() * a.element_size()))
+    if a.dim() == 2:
+        if transpose:
+            out = a.new_zeros(a.shape[1])
+            buf = a.new_empty(min(step, a.shape[0]), a.shape[1])
+            for i in range(0, a.shape[0], step):
+                ac = a[i:i + step]
+                sq = torch.mul(ac, ac, out=buf[:ac.shape[0]])
+                out.addmv_(sq.T, s[i:i + step])
+            return out
+        out = a.new_empty(a.shape[0])
+        buf = a.new_empty(min(step, a.shape[0]), a.shape[1])
+        for i in range(0, a.shape[0], step):
+            ac = a[i:i + step]
+            torch.mv(torch.mul(ac, ac, out=buf[:ac.shape[0]]), s, out=out[i:i + step])
+        return out
+    g, rows, k = a.shape
+    out = a.new_empty(g, k if transpose else rows, 1)
+    buf = a.new_empty(min(step, g), rows, k)
+    for i in range(0, g, step):
+        ac = a[i:i + step]
+        sq = torch.mul(ac, ac, out=buf[:ac.shape[0]])
+        torch.bmm(sq.transpose(1, 2) if transpose else sq, s[i:i + step].unsqueeze(2), out=out[i:i + step])
+    return out.squeeze(2)
+
+
 class Linear(ProductKind):
     """``Y = X Wᵀ`` with X: [rows, in], W: [out, in] (``F.linear`` without bias)."""
 
@@ -47,6 +87,16 @@ class Linear(ProductKind):
 
     def contract(self, product: Product, z: Tensor, r: Tensor) -> Tensor:
         return r.T @ z if product is Product.GRAD_WEIGHT else z @ r
+
+    def sketch_squares(self, product: Product, u: Tensor, v: Tensor, columns: int, shapes: OpShapes
+                       ) -> Tensor:
+        # the operand whose axis is contracted is reduced first (sum of squares along it), so only
+        # the other one is squared in full
+        if product is Product.FORWARD:  # [rows, 1]
+            return _squared_times(u, (v * v).sum(0)).unsqueeze(1)
+        if product is Product.GRAD_INPUT:  # [rows, 1]
+            return _squared_times(u, _row_sq(v)).unsqueeze(1)
+        return _squared_times(u, _row_sq(v), transpose=True).unsqueeze(0)  # [1, n]
 
     def sketch_axis(self, product: Product, shapes: OpShapes) -> int:
         return shapes.x[1] if product is Product.GRAD_INPUT else shapes.w[0]
@@ -98,6 +148,14 @@ class BatchedMatmul(ProductKind):
 
     def contract(self, product: Product, z: Tensor, r: Tensor) -> Tensor:
         return z @ r
+
+    def sketch_squares(self, product: Product, u: Tensor, v: Tensor, columns: int, shapes: OpShapes
+                       ) -> Tensor:
+        if product is Product.FORWARD:  # [g, rows, 1]
+            return _squared_times(u, _row_sq(v)).unsqueeze(2)
+        if product is Product.GRAD_INPUT:  # [g, rows, 1]
+            return _squared_times(u, _squared_times(v, v.new_ones(v.shape[:2]), transpose=True)).unsqueeze(2)
+        return _squared_times(u, _row_sq(v), transpose=True).unsqueeze(2)  # [g, n, 1]
 
     def sketch_axis(self, product: Product, shapes: OpShapes) -> int:
         return shapes.x[2] if product is Product.GRAD_INPUT else shapes.w[2]

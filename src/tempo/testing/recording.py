@@ -1,0 +1,37 @@
+"""A pool wrapper that records everything workers receive and return: the adversary's view."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from ..enclave.pools import WorkerPool
+from ..wire.messages import Job, Reply
+
+
+class RecordingPool(WorkerPool):
+    """Passes jobs through to `inner` and keeps a copy of every tensor that crossed the boundary."""
+
+    def __init__(self, inner: WorkerPool):
+        super().__init__()
+        self.inner = inner
+        self.received: list[tuple[str, Tensor]] = []  # (field, tensor) sent to workers
+        self.returned: list[tuple[str, Tensor]] = []
+
+    @property
+    def size(self) -> int:
+        return self.inner.size
+
+    def name(self, index: int) -> str:
+        return self.inner.name(index)
+
+    def call(self, index: int, job: Job) -> Reply:
+        for field in ("x", "w", "dy"):
+            if hasattr(job, field):
+                self.received.append((field, getattr(job, field).clone()))
+        reply = self.inner.call(index, job)
+        self.returned += [(k, v.clone()) for k, v in getattr(reply, "tensors", {}).items()]
+        self.stats = self.inner.stats
+        return reply
+
+    def close(self) -> None:
+        self.inner.close()

@@ -1,0 +1,73 @@
+"""Shared fixtures: in-process workers and plaintext-vs-protected comparison helpers."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import tempo
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def workers():
+    with tempo.local_workers(2, in_process=True) as pool:
+        yield pool
+
+
+def protect_quietly(model: nn.Module, pool, **kwargs) -> tempo.ProtectedModel:
+    """protect() without the loud warnings the insecure 'none' scheme and seeded keys give."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return tempo.protect(model, pool, key_seed=kwargs.pop("key_seed", 1234), **kwargs)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5, what: str = "") -> None:
+    """Close relative to the tensor's scale (float32 rounding differs with summation order)."""
+    scale = expected.abs().max().clamp_min(1e-6)  # all-zero gradients: absolute floor
+    err = (actual - expected).abs().max()
+    assert err <= rtol * scale, f"{what}: max abs error {err:.3g} > {rtol} x scale {scale:.3g}"
+
+
+class Call(nn.Module):
+    """A module that applies `fn` to its inputs and its parameters, for testing functional ops."""
+
+    def __init__(self, fn, *params: torch.Tensor):
+        super().__init__()
+        self.fn = fn
+        self.params = nn.ParameterList([nn.Parameter(p) for p in params])
+
+    def forward(self, *inputs):
+        return self.fn(*inputs, *self.params)
+
+
+def compare_with_plain(module: nn.Module, inputs: list[torch.Tensor], pool, *, scheme: str = "permute",
+                       rtol: float = 1e-5, checks: int = 2) -> tempo.ProtectedModel:
+    """Forward and backward through `module` protected and plain; outputs and all grads must agree."""
+    plain = copy.deepcopy(module)
+    protected = protect_quietly(module, pool, scheme=scheme, checks=checks)
+    ins_p = [i.detach().clone().requires_grad_(i.requires_grad) for i in inputs]
+    ins_t = [i.detach().clone().requires_grad_(i.requires_grad) for i in inputs]
+    torch.manual_seed(1)  # same dropout masks in both runs
+    y_p = plain(*ins_p)
+    torch.manual_seed(1)
+    y_t = protected(*ins_t)
+    assert y_t.shape == y_p.shape
+    assert_close(y_t, y_p, rtol, "output")
+    g = torch.randn_like(y_p)
+    y_p.backward(g)
+    y_t.backward(g)
+    for i, (a, b) in enumerate(zip(ins_t, ins_p, strict=True)):
+        if b.requires_grad:
+            assert_close(a.grad, b.grad, rtol, f"grad of input {i}")
+    for (name, a), b in zip(module.named_parameters(), plain.parameters(), strict=True):
+        assert_close(a.grad, b.grad, rtol, f"grad of {name}")
+    return protected
