@@ -35,7 +35,7 @@ def _root_sum_of_squares(kind: ProductKind, product: Product, u: Tensor, v: Tens
     without rescaling the tolerance would collapse to zero and honest results would be rejected.
     """
     limit = torch.finfo(u.dtype).max ** 0.25
-    su, sv = float(u.abs().amax()), float(v.abs().amax())
+    su, sv = (float(torch.linalg.vector_norm(t, math.inf)) for t in (u, v))
     if all(1 / limit < s < limit for s in (su, sv)) or su == 0 or sv == 0:
         return kind.sketch_squares(product, u, v, checks, shapes).sqrt()
     return kind.sketch_squares(product, u / su, v / sv, checks, shapes).sqrt() * (su * sv)
@@ -50,7 +50,7 @@ def verify(kind: ProductKind, product: Product, u: Tensor, v: Tensor, claim: Ten
     r = rng.signs((axis, checks)).to(u.dtype)
     with torch.no_grad():
         expected = kind.sketch(product, u, v, r, shapes)
-        got = kind.contract(product, claim, r)
+        got = kind.contract(product, claim, r, shapes)
         root_squares = _root_sum_of_squares(kind, product, u, v, checks, shapes)  # broadcasts
         eps = torch.finfo(u.dtype).eps
         n = kind.contraction_length(product, shapes)

@@ -117,7 +117,7 @@ class ProductKind(ABC):
         return self.sketch(product, u * u, v * v, ones, shapes)
 
     @abstractmethod
-    def contract(self, product: Product, z: Tensor, r: Tensor) -> Tensor:
+    def contract(self, product: Product, z: Tensor, r: Tensor, shapes: OpShapes) -> Tensor:
         """The claimed result z with the same axis contracted by r; same shape as sketch()."""
 
     @abstractmethod
@@ -136,7 +136,7 @@ class OpShapes:
     y: torch.Size
 
 
-_CHUNK_BYTES = 1 << 18  # slices this small stay in cache between squaring and summing
+CHUNK_BYTES = 1 << 18  # slices this small stay in cache between squaring and summing
 
 
 def sum_of_squares(t: Tensor, dim: int) -> Tensor:
@@ -149,13 +149,13 @@ def sum_of_squares(t: Tensor, dim: int) -> Tensor:
         return torch.linalg.vector_norm(t.reshape(lead, d), dim=1).square_().reshape(out_shape)
     t3 = t.reshape(lead, d, trail)
     if lead > 1:
-        step = max(1, _CHUNK_BYTES // max(1, d * trail * t.element_size()))
+        step = max(1, CHUNK_BYTES // max(1, d * trail * t.element_size()))
         out = t.new_empty(lead, trail)
         for i in range(0, lead, step):
             c = t3[i:i + step]
             torch.sum(c * c, 1, out=out[i:i + step])
         return out.reshape(out_shape)
-    step = max(1, _CHUNK_BYTES // max(1, trail * t.element_size()))
+    step = max(1, CHUNK_BYTES // max(1, trail * t.element_size()))
     out = t.new_zeros(trail)
     for i in range(0, d, step):
         c = t3[0, i:i + step]

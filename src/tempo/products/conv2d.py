@@ -104,8 +104,6 @@ class Conv2d(ProductKind):
     #   and once, in cache-sized slices, for its sum of squares.
     # * grad_weight has no batch axis: it contracts dW's input channels (from X) or, when groups
     #   have few input channels, its output channels (from dY); W is not read at all.
-    # A channel contraction is never chosen when the channel axis is as long as the batch axis,
-    # so that contract() can tell the two apart from the claim's shape and the length of r.
     GW_MIN_INPUT_CHANNELS = 16  # measured: below this, t-input-channel weight gradients are slow
 
     def _gw_on_inputs(self, w_shape: Sequence[int]) -> bool:
@@ -114,13 +112,7 @@ class Conv2d(ProductKind):
     def _on_channels(self, product: Product, shapes: OpShapes) -> bool:
         """forward / grad_input: contract the channels of the result (else its batch axis)?"""
         w_size = math.prod(shapes.w)
-        if product is Product.FORWARD:
-            return shapes.w[0] // self.groups != shapes.x[0] and w_size > math.prod(shapes.x)
-        return shapes.w[1] != shapes.x[0] and w_size > math.prod(shapes.y)
-
-    def _claim_on_channels(self, z: Tensor, r: Tensor) -> bool:
-        """The same decision, read off a forward / grad_input claim [N, C, H, W] and r."""
-        return r.shape[0] == z.shape[1] // self.groups and r.shape[0] != z.shape[0]
+        return w_size > math.prod(shapes.x if product is Product.FORWARD else shapes.y)
 
     @staticmethod
     def _batch_contract(t: Tensor, r: Tensor) -> Tensor:
@@ -165,9 +157,9 @@ class Conv2d(ProductKind):
         # over its output channels, per group: [g * t, C/g, kh, kw]
         return conv2d_weight(u, [g * t, *shapes.w[1:]], self._channel_contract(v, r), **args)
 
-    def contract(self, product: Product, z: Tensor, r: Tensor) -> Tensor:
+    def contract(self, product: Product, z: Tensor, r: Tensor, shapes: OpShapes) -> Tensor:
         if product is not Product.GRAD_WEIGHT:
-            return self._channel_contract(z, r) if self._claim_on_channels(z, r) else self._batch_contract(z, r)
+            return self._channel_contract(z, r) if self._on_channels(product, shapes) else self._batch_contract(z, r)
         o, cpg, kh, kw = z.shape
         g, t = self.groups, r.shape[1]
         if self._gw_on_inputs(z.shape):

@@ -7,15 +7,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .base import KeyShape, Layouts, OpShapes, Product, ProductKind, Role
+from .base import CHUNK_BYTES, KeyShape, Layouts, OpShapes, Product, ProductKind, Role
 
 
 def _row_sq(t: Tensor) -> Tensor:
     """Sums of squares along the last axis (a fused reduction: no squared copy of t)."""
     return torch.linalg.vector_norm(t, dim=-1).square_()
-
-
-_CHUNK_BYTES = 1 << 18  # squared slices this small stay in cache between squaring and reducing
 
 
 def _squared_times(a: Tensor, s: Tensor, *, transpose: bool = False) -> Tensor:
@@ -24,7 +21,7 @@ def _squared_times(a: Tensor, s: Tensor, *, transpose: bool = False) -> Tensor:
     s is [k] (or [rows] when transposing) for 2-D a, [g, k] (or [g, rows]) for 3-D a. The squares
     are formed slice by slice along the leading axis, in one small reused buffer.
     """
-    step = max(1, _CHUNK_BYTES // max(1, a[0].numel() * a.element_size()))
+    step = max(1, CHUNK_BYTES // max(1, a[0].numel() * a.element_size()))
     if a.dim() == 2:
         if transpose:
             out = a.new_zeros(a.shape[1])
@@ -85,7 +82,7 @@ class Linear(ProductKind):
             return u @ (v @ r)
         return (v @ r).T @ u
 
-    def contract(self, product: Product, z: Tensor, r: Tensor) -> Tensor:
+    def contract(self, product: Product, z: Tensor, r: Tensor, shapes: OpShapes) -> Tensor:
         return r.T @ z if product is Product.GRAD_WEIGHT else z @ r
 
     def sketch_squares(self, product: Product, u: Tensor, v: Tensor, columns: int, shapes: OpShapes
@@ -146,7 +143,7 @@ class BatchedMatmul(ProductKind):
             return u @ (v.transpose(1, 2) @ r)
         return u.transpose(1, 2) @ (v @ r)
 
-    def contract(self, product: Product, z: Tensor, r: Tensor) -> Tensor:
+    def contract(self, product: Product, z: Tensor, r: Tensor, shapes: OpShapes) -> Tensor:
         return z @ r
 
     def sketch_squares(self, product: Product, u: Tensor, v: Tensor, columns: int, shapes: OpShapes

@@ -151,13 +151,10 @@ class Permute(Scheme):
         if role is None:
             return t
         if role is Role.INNER_OF_OUT:
-            if key.inner_of_out is None:  # ungrouped: an ordinary inner permutation
-                role = Role.INNER
-            else:
-                index = key.inner_of_out.view(*key.inner_of_out.shape, *([1] * (t.dim() - 2)))
-                index = index.expand_as(t).to(t.device)
-                if inverse:
-                    return torch.empty_like(t).scatter_(dim, index, t)
-                return t.gather(dim, index)
+            index = key.inner_of_out.view(*key.inner_of_out.shape, *([1] * (t.dim() - 2)))
+            index = index.expand_as(t).to(t.device)
+            if inverse:
+                return torch.empty_like(t).scatter_(dim, index, t)
+            return t.gather(dim, index)
         perm = key.inverse(role) if inverse else key.perms[role]
         return t.index_select(dim, perm.to(t.device))
