@@ -71,3 +71,32 @@ def compare_with_plain(module: nn.Module, inputs: list[torch.Tensor], pool, *, s
     for (name, a), b in zip(module.named_parameters(), plain.parameters(), strict=True):
         assert_close(a.grad, b.grad, rtol, f"grad of {name}")
     return protected
+
+
+RECORDED_STEPS = 40  # training steps of a recorded test run (batch 64)
+
+
+@pytest.fixture(scope="session")
+def recorded(tmp_path_factory):
+    """`recorded(model, scheme)`: the folder of a short recorded training run, made once per session.
+
+    Fashion-MNIST, 40 steps of batch 64, one in-process worker, the last 3 steps recorded.
+    """
+    from tempo.training.config import TrainConfig
+    from tempo.training.loop import train
+
+    made: dict[tuple[str, str], object] = {}
+
+    def make(model: str = "small_cnn", scheme: str = "permute"):
+        if (model, scheme) not in made:
+            folder = tmp_path_factory.mktemp(f"record-{model}-{scheme}")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                train(TrainConfig(model=model, scheme=scheme, workers=1, in_process_workers=True, epochs=1,
+                                  train_subset=64 * RECORDED_STEPS, test_subset=500, batch_size=64, lr=0.05,
+                                  record=folder / "record", record_steps=3, out=folder / "run", progress=False),
+                      log=lambda _: None)
+            made[model, scheme] = folder / "record"
+        return made[model, scheme]
+
+    return make

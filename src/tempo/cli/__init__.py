@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import typer
 
-from . import env, train
+from . import attack, env, train
 
 # Tracebacks never show local variables: in the enclave they hold plaintext weights and keys.
 app = typer.Typer(name="tempo", help="Confidential training: the enclave offloads every product, blinded.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False)
 app.command("train")(train.train)
 app.command("env")(env.env)
+app.command("attack")(attack.attack)
 
 
 def main() -> None:

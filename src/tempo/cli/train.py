@@ -55,6 +55,12 @@ def train(
                          ] = _DEFAULTS.normalize,
     synthetic_shape: Annotated[str, typer.Option(help="C,H,W of synthetic images.")] = "3,32,32",
     synthetic_classes: Annotated[int, typer.Option(min=2)] = _DEFAULTS.synthetic_classes,
+    record: Annotated[Path | None, typer.Option(
+        help="Leakage suite: every worker also saves what it received and returned to RECORD/view, and the "
+             "enclave writes the ground truth (plaintext weights, inputs, keys) to RECORD/truth. "
+             "Evaluate with `tempo attack RECORD`.")] = None,
+    record_steps: Annotated[int, typer.Option(min=1, help="Keep the last this many recorded training steps.")
+                            ] = _DEFAULTS.record_steps,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Train a model; write per-step and per-epoch metrics, config.json and model.pt to --out."""
@@ -74,4 +80,4 @@ def train(
             worker_timeout=worker_timeout, seed=seed, out=out, train_subset=train_subset or None,
             test_subset=test_subset or None, image_size=image_size or None, normalize=normalize,
             synthetic_shape=parse_shape(synthetic_shape), synthetic_classes=synthetic_classes,
-            progress=progress))
+            record=record, record_steps=record_steps, progress=progress))

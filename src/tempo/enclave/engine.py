@@ -25,6 +25,7 @@ from .intercept import OffloadMode, warn_once
 from .keys import KeyStream
 from .pools import WorkerPool
 from .protocol import OffloadStats
+from .truth import GroundTruth
 
 # Module types whose products Tempo cannot offload; they run in the enclave (or are refused).
 NOT_OFFLOADED: tuple[type[nn.Module], ...] = (
@@ -35,8 +36,10 @@ NOT_OFFLOADED: tuple[type[nn.Module], ...] = (
 class Engine:
     """Per-run enclave state shared by every offloaded op of one protected model."""
 
-    def __init__(self, pool: WorkerPool, scheme: Scheme, *, checks: int, rng: KeyStream):
+    def __init__(self, pool: WorkerPool, scheme: Scheme, *, checks: int, rng: KeyStream,
+                 truth: GroundTruth | None = None):
         self.pool, self.scheme, self.checks, self.rng = pool, scheme, checks, rng
+        self.truth = truth
         self.stats = OffloadStats()
         self.step = 0
         self.scope: list[str] = []
@@ -102,7 +105,8 @@ def validate_model(model: nn.Module) -> list[str]:
 
 
 def protect(model: nn.Module, workers: WorkerPool, *, scheme: str | Scheme = "permute", checks: int = 2,
-            strict: bool = False, key_seed: int | None = None) -> ProtectedModel:
+            strict: bool = False, key_seed: int | None = None, truth: GroundTruth | None = None
+            ) -> ProtectedModel:
     """Wrap `model` so every linear, convolution and attention product runs blinded on `workers`.
 
     Args:
@@ -112,6 +116,7 @@ def protect(model: nn.Module, workers: WorkerPool, *, scheme: str | Scheme = "pe
         checks: Freivalds vectors per product (t); a wrong result slips through with prob <= 2^-t.
         strict: refuse layers that cannot be offloaded instead of running them in the enclave.
         key_seed: make keys reproducible. Predictable keys are insecure: tests and experiments only.
+        truth: record every op's key for the leakage suite (``tempo train --record``); evaluation only.
     """
     blinding = get_scheme(scheme)
     if checks < 0:
@@ -126,4 +131,5 @@ def protect(model: nn.Module, workers: WorkerPool, *, scheme: str | Scheme = "pe
         raise UnsupportedModelError(offenders)
     for o in offenders:
         warnings.warn(f"tempo: {o} cannot be offloaded and runs inside the enclave", stacklevel=2)
-    return ProtectedModel(model, Engine(workers, blinding, checks=checks, rng=KeyStream(key_seed)))
+    return ProtectedModel(model, Engine(workers, blinding, checks=checks, rng=KeyStream(key_seed),
+                                             truth=truth))

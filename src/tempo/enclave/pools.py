@@ -11,12 +11,14 @@ import socket
 import subprocess
 import sys
 from abc import ABC, abstractmethod
+from pathlib import Path
 from types import TracebackType
 
 from ..errors import ConfigError, WorkerLostError, WorkerTimeoutError
 from ..wire.messages import Job, Reply, Shutdown
 from ..wire.transport import SocketTransport, TrafficStats
 from ..worker.core import WorkerCore
+from ..worker.recorder import RecordingCore
 
 DEFAULT_TIMEOUT_S = 600.0
 
@@ -60,9 +62,14 @@ class WorkerPool(ABC):
 class InProcessPool(WorkerPool):
     """Workers as objects in this process: no transport, for tests and single-GPU boxes."""
 
-    def __init__(self, n: int, *, device: str | None = None, cores: list[WorkerCore] | None = None):
+    def __init__(self, n: int, *, device: str | None = None, cores: list[WorkerCore] | None = None,
+                 record: Path | None = None, record_steps: int | None = None):
         super().__init__()
-        self.cores = cores if cores is not None else [WorkerCore(device) for _ in range(n)]
+        if cores is None:
+            cores = [WorkerCore(device) if record is None
+                     else RecordingCore(record / f"worker-{i}", keep_steps=record_steps, device=device)
+                     for i in range(n)]
+        self.cores = cores
 
     @property
     def size(self) -> int:
@@ -86,23 +93,26 @@ class InProcessPool(WorkerPool):
 class ProcessPool(WorkerPool):
     """Each worker is a separate `python -m tempo.worker` process joined by a socket pair."""
 
-    def __init__(self, n: int, *, timeout: float = DEFAULT_TIMEOUT_S, device: str | None = None):
+    def __init__(self, n: int, *, timeout: float = DEFAULT_TIMEOUT_S, device: str | None = None,
+                 record: Path | None = None, record_steps: int | None = None):
         super().__init__()
         self.timeout = timeout
         self._procs: list[subprocess.Popen] = []
         self._links: list[SocketTransport] = []
         try:
             for i in range(n):
-                self._spawn(i, device)
+                extra = ["--device", device] if device else []
+                if record is not None:
+                    extra += ["--record", str(record / f"worker-{i}")]
+                    extra += ["--record-steps", str(record_steps)] if record_steps else []
+                self._spawn(i, extra)
         except BaseException:
             self.close()
             raise
 
-    def _spawn(self, i: int, device: str | None) -> None:
+    def _spawn(self, i: int, extra: list[str]) -> None:
         ours, theirs = socket.socketpair()
-        cmd = [sys.executable, "-m", "tempo.worker", "--fd", str(theirs.fileno()), "--name", f"worker-{i}"]
-        if device:
-            cmd += ["--device", device]
+        cmd = [sys.executable, "-m", "tempo.worker", "--fd", str(theirs.fileno()), "--name", f"worker-{i}", *extra]
         # PASSIVE: idle OpenMP threads sleep instead of spinning, so the enclave and the workers
         # sharing cores do not starve each other. A new session keeps Ctrl-C for the enclave alone.
         env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
@@ -156,10 +166,17 @@ class ProcessPool(WorkerPool):
 
 
 def local_workers(n: int = 2, *, in_process: bool = False, timeout: float = DEFAULT_TIMEOUT_S,
-                  device: str | None = None) -> WorkerPool:
-    """Start `n` workers on this machine: separate processes by default, or objects in this process."""
+                  device: str | None = None, record: Path | None = None, record_steps: int | None = None
+                  ) -> WorkerPool:
+    """Start `n` workers on this machine: separate processes by default, or objects in this process.
+
+    `record`: every worker also writes a transcript of its training traffic to ``record/worker-i``
+    (the colluding adversary of the leakage suite), keeping the last `record_steps` steps.
+    """
     if n < 1:
         raise ConfigError(f"need at least one worker, got {n}")
+    if record_steps is not None and record_steps < 1:
+        raise ConfigError(f"record_steps must be >= 1, got {record_steps}")
     if in_process:
-        return InProcessPool(n, device=device)
-    return ProcessPool(n, timeout=timeout, device=device)
+        return InProcessPool(n, device=device, record=record, record_steps=record_steps)
+    return ProcessPool(n, timeout=timeout, device=device, record=record, record_steps=record_steps)

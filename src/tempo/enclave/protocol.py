@@ -69,6 +69,8 @@ class OffloadedOp:
             x=eng.scheme.blind(x.detach(), layouts.x, Operand.X, self.key),
             w=eng.scheme.blind(w.detach(), layouts.w, Operand.W, self.key),
             keep_x=self.keep_x, keep_w=self.keep_w, release=eng.take_releases(self.worker))
+        if eng.truth is not None and (self.keep_x or self.keep_w):  # training traffic only, as recorded
+            eng.truth.op(self.step, self.handle, self.name, self.kind.name, eng.scheme.key_tensors(self.key))
         if self.keep_x or self.keep_w:  # if the backward never comes, tell the worker to drop what it kept
             self._finalizer = weakref.finalize(self, eng.release, self.worker, self.handle)
         (y,) = self._call(job, "forward", {"y": (self.shapes.y, x.dtype)})

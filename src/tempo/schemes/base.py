@@ -51,5 +51,9 @@ class Scheme(ABC):
         """The blinded copy of t that may leave the enclave. Must not alias t's storage."""
 
     @abstractmethod
+    def key_tensors(self, key: Any) -> dict[str, Tensor]:
+        """The key as named tensors, for the leakage suite's ground truth (never sent anywhere)."""
+
+    @abstractmethod
     def unblind(self, t: Tensor, layout: Layout, operand: Operand, key: Any) -> Tensor:
         """Map a worker's result back to plaintext space."""

@@ -130,6 +130,12 @@ class Permute(Scheme):
             return t
         return permute_axes(t, [self._perm(role, key, inverse=False) for role in layout], self._scratch)
 
+    def key_tensors(self, key: PermutationKey) -> dict[str, Tensor]:
+        named = {role.value: p for role, p in key.perms.items()}
+        if key.inner_of_out is not None:
+            named[Role.INNER_OF_OUT.value] = key.inner_of_out
+        return named
+
     def unblind(self, t: Tensor, layout: Layout, operand: Operand, key: PermutationKey) -> Tensor:
         if key.inner_of_out is not None and Role.INNER_OF_OUT in layout:
             for dim in reversed(range(len(layout))):

@@ -55,6 +55,8 @@ class TrainConfig:
     synthetic_shape: tuple[int, int, int] = (3, 32, 32)
     synthetic_classes: int = 10
     out: Path | None = None  # None: runs/<timestamp>
+    record: Path | None = None  # leakage suite: workers' transcripts and the run's ground truth go here
+    record_steps: int = 10  # keep the last this many training steps of the recording
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -64,12 +66,12 @@ class TrainConfig:
             except ValueError:
                 raise ConfigError(f"unknown {name} {getattr(self, name)!r}; choose one of "
                                   f"{[k.value for k in kind]}") from None
-        for name in ("data_dir", "out"):
+        for name in ("data_dir", "out", "record"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, Path(getattr(self, name)))
         problems = [f"{name} must be >= {low}, got {getattr(self, name)}"
                     for name, low in (("epochs", 1), ("batch_size", 1), ("workers", 1), ("checks", 0),
-                                      ("synthetic_classes", 2))
+                                      ("synthetic_classes", 2), ("record_steps", 1))
                     if getattr(self, name) < low]
         problems += [f"{name} must be >= 1 (or unset), got {getattr(self, name)}"
                      for name in ("train_subset", "test_subset", "image_size")
@@ -78,6 +80,8 @@ class TrainConfig:
                      for name in ("lr", "worker_timeout") if not getattr(self, name) > 0]
         if min(self.synthetic_shape) < 1:
             problems.append(f"synthetic_shape must be positive, got {self.synthetic_shape}")
+        if self.record is not None and self.mode is not Mode.TEMPO:
+            problems.append(f"--record needs --mode tempo (mode {self.mode.value} has no workers to record)")
         if problems:
             raise ConfigError("invalid training settings: " + "; ".join(problems))
 

@@ -52,10 +52,17 @@ def _placement(config: TrainConfig, model: nn.Module) -> Iterator[tuple[nn.Modul
     if config.mode is Mode.TEMPO:
         import tempo
 
+        from ..enclave.truth import GroundTruth
+
+        record = config.record
+        truth = None if record is None else GroundTruth(record / "truth", keep_steps=config.record_steps)
         with tempo.local_workers(config.workers, in_process=config.in_process_workers,
-                                 timeout=config.worker_timeout) as pool:
-            protected = tempo.protect(model, pool, scheme=config.scheme, checks=config.checks)
+                                 timeout=config.worker_timeout, record=None if record is None else record / "view",
+                                 record_steps=config.record_steps) as pool:
+            protected = tempo.protect(model, pool, scheme=config.scheme, checks=config.checks, truth=truth)
             yield protected, torch.device("cpu"), lambda: (pool.stats.bytes_sent, pool.stats.bytes_received)
+        if truth is not None:
+            truth.flush()
         return
     device = torch.device("cuda" if config.mode is Mode.PLAIN and torch.cuda.is_available() else "cpu")
     yield model.to(device), device, lambda: (0, 0)
@@ -89,6 +96,9 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> RunResu
                         image_size=data.image_size)
     out_dir = new_run_dir(config.out)
     (out_dir / "config.json").write_text(config.to_json() + "\n")
+    if config.record is not None:
+        config.record.mkdir(parents=True, exist_ok=True)
+        (config.record / "config.json").write_text(config.to_json() + "\n")
     log(describe(config, data))
     start = time.perf_counter()
     with ExitStack() as stack:
@@ -131,6 +141,9 @@ class _Trainer:
     def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
         """One SGD step; the batch's loss and number of correct predictions (before the update)."""
         x, y = x.to(self.device), y.to(self.device)
+        engine = getattr(self.net, "engine", None)
+        if engine is not None and engine.truth is not None:
+            engine.truth.begin_step(engine.step + 1, self.net.module.state_dict(), x, y)
         self.optimizer.zero_grad(set_to_none=True)
         logits = self.net(x)
         loss = F.cross_entropy(logits, y)

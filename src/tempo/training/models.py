@@ -27,12 +27,32 @@ def _adapt_first_conv(model: nn.Module, channels: int) -> None:
                 return
 
 
+def small_cnn(*, num_classes: int, channels: int, image_size: int) -> nn.Module:
+    """Two conv blocks and two linear layers: the leakage suite's CNN (about 0.2 M parameters)."""
+    side = image_size // 4
+    return nn.Sequential(
+        nn.Conv2d(channels, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * side * side, 128), nn.ReLU(), nn.Linear(128, num_classes))
+
+
+def small_vit(*, num_classes: int, channels: int, image_size: int) -> nn.Module:
+    """A two-block, 64-wide ViT with 4x4 patches of side image_size/4: the leakage suite's ViT."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(img_size=image_size, patch_size=image_size // 4, in_chans=channels,
+                             num_classes=num_classes, embed_dim=64, depth=2, num_heads=2, mlp_ratio=2.0)
+
+
+SMALL_MODELS = {"small_cnn": small_cnn, "small_vit": small_vit}
+
+
 def _vit_patch(image_size: int) -> int:
     return 4 if image_size <= 64 else 16
 
 
 def build_model(name: str, *, num_classes: int, channels: int, image_size: int) -> nn.Module:
-    """`name` is a torchvision model (``resnet18``, ``vit_b_16``) or ``timm:<name>`` / a timm name."""
+    """`name` is ``small_cnn``/``small_vit``, a torchvision model (``resnet18``) or ``timm:<name>`` / a timm name."""
     import torchvision
 
     tv_names = set(torchvision.models.list_models(module=torchvision.models))
@@ -58,7 +78,9 @@ def _construct(name: str, timm_name: str, tv_names: set[str], *, num_classes: in
     import timm
     import torchvision
 
-    if not name.startswith("timm:") and name in tv_names:
+    if name in SMALL_MODELS:
+        model = SMALL_MODELS[name](num_classes=num_classes, channels=channels, image_size=image_size)
+    elif not name.startswith("timm:") and name in tv_names:
         kwargs: dict = {"num_classes": num_classes}
         if name.startswith("vit_"):  # torchvision fixes the patch size by name
             kwargs["image_size"] = image_size
@@ -69,7 +91,7 @@ def _construct(name: str, timm_name: str, tv_names: set[str], *, num_classes: in
             kwargs.update(img_size=image_size, patch_size=_vit_patch(image_size))
         model = timm.create_model(timm_name, **kwargs)
     else:
-        candidates = sorted(tv_names | set(timm.list_models()))
+        candidates = sorted(tv_names | set(timm.list_models()) | set(SMALL_MODELS))
         close = difflib.get_close_matches(timm_name, candidates, n=3)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
         raise ConfigError(f"unknown model {name!r}: not a torchvision or timm model name.{hint}")
