@@ -140,3 +140,10 @@ def test_cli_refuses_record_without_workers_and_unknown_attacks(tmp_path: Path) 
     assert r.returncode == 2 and "unknown attack" in r.stderr
     r = invoke("attack", str(tmp_path / "nowhere"))
     assert r.returncode == 2 and "no config.json" in r.stderr
+
+
+def test_recording_window_can_end_mid_run(tmp_path: Path) -> None:
+    _train(InProcessPool(1, record=tmp_path / "view", record_steps=2, record_until=3), steps=6,
+           truth=GroundTruth(tmp_path / "truth", keep_steps=2, until=3))
+    assert sorted(p.name for p in (tmp_path / "view" / "worker-0").iterdir()) == ["step-000002.tr", "step-000003.tr"]
+    assert sorted(p.name for p in (tmp_path / "truth").iterdir()) == ["step-000002.pt", "step-000003.pt"]

@@ -89,6 +89,12 @@ class AttackContext:
                              f"{self.config.model}'s {[s.kind for s in sites]}")
         return sites
 
+    def test_accuracy(self, model: nn.Module) -> float:
+        """Top-1 accuracy of `model` on the scoring test set, in eval mode."""
+        from ..training.loop import evaluate
+
+        return evaluate(model, self.data.test, torch.device("cpu"))[1]
+
     def figure_path(self, name: str) -> Path:
         path = self.out_dir / "figures" / name
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -115,7 +121,8 @@ def trace_sites(model: nn.Module, example: torch.Tensor) -> list[OpSite]:
         warnings.simplefilter("ignore")
         protected = protect(model, InProcessPool(1), scheme="none", checks=0, truth=names)  # type: ignore[arg-type]
     protected.train()
-    protected(example).sum().backward()
+    with torch.enable_grad():  # attacks may first ask for the sites inside no_grad evaluation
+        protected(example).sum().backward()
     return [OpSite(name, kind, f"{name}.weight" if f"{name}.weight" in params and kind in ("linear", "conv2d")
                    else None) for name, kind in names.ops]
 

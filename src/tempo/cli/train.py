@@ -61,6 +61,9 @@ def train(
              "Evaluate with `tempo attack RECORD`.")] = None,
     record_steps: Annotated[int, typer.Option(min=1, help="Keep the last this many recorded training steps.")
                             ] = _DEFAULTS.record_steps,
+    record_until: Annotated[int, typer.Option(
+        min=0, help="Record nothing after this training step (0: to the end). Weights barely move at the end "
+                    "of a decayed schedule, so a mid-run window is the harder test for linking attacks.")] = 0,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Train a model; write per-step and per-epoch metrics, config.json and model.pt to --out."""
@@ -80,4 +83,4 @@ def train(
             worker_timeout=worker_timeout, seed=seed, out=out, train_subset=train_subset or None,
             test_subset=test_subset or None, image_size=image_size or None, normalize=normalize,
             synthetic_shape=parse_shape(synthetic_shape), synthetic_classes=synthetic_classes,
-            record=record, record_steps=record_steps, progress=progress))
+            record=record, record_steps=record_steps, record_until=record_until or None, progress=progress))

@@ -63,11 +63,13 @@ class InProcessPool(WorkerPool):
     """Workers as objects in this process: no transport, for tests and single-GPU boxes."""
 
     def __init__(self, n: int, *, device: str | None = None, cores: list[WorkerCore] | None = None,
-                 record: Path | None = None, record_steps: int | None = None):
+                 record: Path | None = None, record_steps: int | None = None,
+                 record_until: int | None = None):
         super().__init__()
         if cores is None:
             cores = [WorkerCore(device) if record is None
-                     else RecordingCore(record / f"worker-{i}", keep_steps=record_steps, device=device)
+                     else RecordingCore(record / f"worker-{i}", keep_steps=record_steps, until=record_until,
+                                   device=device)
                      for i in range(n)]
         self.cores = cores
 
@@ -94,7 +96,8 @@ class ProcessPool(WorkerPool):
     """Each worker is a separate `python -m tempo.worker` process joined by a socket pair."""
 
     def __init__(self, n: int, *, timeout: float = DEFAULT_TIMEOUT_S, device: str | None = None,
-                 record: Path | None = None, record_steps: int | None = None):
+                 record: Path | None = None, record_steps: int | None = None,
+                 record_until: int | None = None):
         super().__init__()
         self.timeout = timeout
         self._procs: list[subprocess.Popen] = []
@@ -105,6 +108,7 @@ class ProcessPool(WorkerPool):
                 if record is not None:
                     extra += ["--record", str(record / f"worker-{i}")]
                     extra += ["--record-steps", str(record_steps)] if record_steps else []
+                    extra += ["--record-until", str(record_until)] if record_until else []
                 self._spawn(i, extra)
         except BaseException:
             self.close()
@@ -166,17 +170,20 @@ class ProcessPool(WorkerPool):
 
 
 def local_workers(n: int = 2, *, in_process: bool = False, timeout: float = DEFAULT_TIMEOUT_S,
-                  device: str | None = None, record: Path | None = None, record_steps: int | None = None
-                  ) -> WorkerPool:
+                  device: str | None = None, record: Path | None = None, record_steps: int | None = None,
+                  record_until: int | None = None) -> WorkerPool:
     """Start `n` workers on this machine: separate processes by default, or objects in this process.
 
     `record`: every worker also writes a transcript of its training traffic to ``record/worker-i``
-    (the colluding adversary of the leakage suite), keeping the last `record_steps` steps.
+    (the colluding adversary of the leakage suite), keeping the last `record_steps` steps up to
+    step `record_until`.
     """
     if n < 1:
         raise ConfigError(f"need at least one worker, got {n}")
     if record_steps is not None and record_steps < 1:
         raise ConfigError(f"record_steps must be >= 1, got {record_steps}")
     if in_process:
-        return InProcessPool(n, device=device, record=record, record_steps=record_steps)
-    return ProcessPool(n, timeout=timeout, device=device, record=record, record_steps=record_steps)
+        return InProcessPool(n, device=device, record=record, record_steps=record_steps,
+                             record_until=record_until)
+    return ProcessPool(n, timeout=timeout, device=device, record=record, record_steps=record_steps,
+                       record_until=record_until)

@@ -17,18 +17,21 @@ from torch import Tensor
 
 
 class GroundTruth:
-    """Collects one step at a time and writes ``step-NNNNNN.pt``; keeps only the last `keep_steps`."""
+    """Collects one step at a time and writes ``step-NNNNNN.pt``; keeps only the last `keep_steps`
+    up to step `until` (the same window as the workers' :class:`~tempo.worker.recorder.RecordingCore`)."""
 
-    def __init__(self, directory: Path, *, keep_steps: int | None = None):
+    def __init__(self, directory: Path, *, keep_steps: int | None = None, until: int | None = None):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.keep_steps = keep_steps
+        self.keep_steps, self.until = keep_steps, until
         self._current: dict[str, Any] | None = None
         warnings.warn(f"tempo: recording ground truth (plaintext weights, inputs, keys) to {self.directory}: "
                       "for leakage evaluation only", stacklevel=2)
 
     def begin_step(self, step: int, params: dict[str, Tensor], inputs: Tensor, labels: Tensor) -> None:
         self.flush()
+        if self.until is not None and step > self.until:
+            return
         self._current = {"step": step, "params": {k: v.detach().clone() for k, v in params.items()},
                          "inputs": inputs.detach().clone(), "labels": labels.detach().clone(), "ops": {}}
         if self.keep_steps:

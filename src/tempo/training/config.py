@@ -57,6 +57,7 @@ class TrainConfig:
     out: Path | None = None  # None: runs/<timestamp>
     record: Path | None = None  # leakage suite: workers' transcripts and the run's ground truth go here
     record_steps: int = 10  # keep the last this many training steps of the recording
+    record_until: int | None = None  # stop recording after this training step (None: record to the end)
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -74,7 +75,7 @@ class TrainConfig:
                                       ("synthetic_classes", 2), ("record_steps", 1))
                     if getattr(self, name) < low]
         problems += [f"{name} must be >= 1 (or unset), got {getattr(self, name)}"
-                     for name in ("train_subset", "test_subset", "image_size")
+                     for name in ("train_subset", "test_subset", "image_size", "record_until")
                      if getattr(self, name) is not None and getattr(self, name) < 1]
         problems += [f"{name} must be > 0, got {getattr(self, name)}"
                      for name in ("lr", "worker_timeout") if not getattr(self, name) > 0]

@@ -55,10 +55,11 @@ def _placement(config: TrainConfig, model: nn.Module) -> Iterator[tuple[nn.Modul
         from ..enclave.truth import GroundTruth
 
         record = config.record
-        truth = None if record is None else GroundTruth(record / "truth", keep_steps=config.record_steps)
+        truth = None if record is None else GroundTruth(record / "truth", keep_steps=config.record_steps,
+                                                        until=config.record_until)
         with tempo.local_workers(config.workers, in_process=config.in_process_workers,
                                  timeout=config.worker_timeout, record=None if record is None else record / "view",
-                                 record_steps=config.record_steps) as pool:
+                                 record_steps=config.record_steps, record_until=config.record_until) as pool:
             protected = tempo.protect(model, pool, scheme=config.scheme, checks=config.checks, truth=truth)
             yield protected, torch.device("cpu"), lambda: (pool.stats.bytes_sent, pool.stats.bytes_received)
         if truth is not None:

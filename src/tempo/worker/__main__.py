@@ -26,12 +26,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None)
     parser.add_argument("--record", type=Path, default=None, help="also write a transcript of training jobs here")
     parser.add_argument("--record-steps", type=int, default=None, help="keep only the last N recorded steps")
+    parser.add_argument("--record-until", type=int, default=None, help="record nothing after this step")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format=f"[{args.name}] %(message)s", stream=sys.stderr)
     sock = socket.socket(fileno=args.fd)
     try:
         core = (WorkerCore(args.device) if args.record is None
-                else RecordingCore(args.record, keep_steps=args.record_steps, device=args.device))
+                else RecordingCore(args.record, keep_steps=args.record_steps, until=args.record_until,
+                                      device=args.device))
         serve(SocketTransport(sock, peer="enclave"), core)
     except WorkerLostError:
         return 0  # the enclave went away: nothing left to do

@@ -2,7 +2,8 @@
 
 This is the adversary of the leakage suite (``tempo train --record``). It changes nothing in
 what the worker computes or returns. Training steps go to one file each (``step-NNNNNN.tr``);
-only the last `keep_steps` are kept, so long runs do not fill the disk. Evaluation traffic
+only the last `keep_steps` are kept, so long runs do not fill the disk, and nothing after step
+`until` is written (to record a window in mid-training, where weights still move). Evaluation traffic
 (forward jobs that keep nothing) is not recorded.
 """
 
@@ -18,11 +19,12 @@ from .core import WorkerCore
 class RecordingCore(WorkerCore):
     """A WorkerCore that appends each training job and its reply to the current step's transcript."""
 
-    def __init__(self, directory: Path, *, keep_steps: int | None = None, device: str | None = None):
+    def __init__(self, directory: Path, *, keep_steps: int | None = None, until: int | None = None,
+                 device: str | None = None):
         super().__init__(device)
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.keep_steps = keep_steps
+        self.keep_steps, self.until = keep_steps, until
         self.step = 0
         self._previous: Job | None = None
 
@@ -31,11 +33,13 @@ class RecordingCore(WorkerCore):
         if transcript.is_training_job(job):
             if transcript.starts_step(self._previous, job):
                 self.step += 1
-                self._forget(self.step - (self.keep_steps or self.step))
-            transcript.append(self.directory / f"step-{self.step:06d}.tr", [job, reply])
+                if self._recording and self.keep_steps:
+                    (self.directory / f"step-{self.step - self.keep_steps:06d}.tr").unlink(missing_ok=True)
+            if self._recording:
+                transcript.append(self.directory / f"step-{self.step:06d}.tr", [job, reply])
             self._previous = job
         return reply
 
-    def _forget(self, step: int) -> None:
-        if step >= 1:
-            (self.directory / f"step-{step:06d}.tr").unlink(missing_ok=True)
+    @property
+    def _recording(self) -> bool:
+        return self.until is None or self.step <= self.until

@@ -1,0 +1,111 @@
+"""The data-side attacks: linking units across steps, recovering inputs, fine-tuning from the leak."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from tempo.attacks import inputs, linking
+from tempo.attacks.base import AttackContext
+from tempo.attacks.transcript import OpTruth, OpView, Step, StepTruth, Transcript, load
+
+
+def context(folder: Path, out: Path, **options) -> AttackContext:
+    return AttackContext(load(folder), out, test_size=500, options=options)
+
+
+def test_linking_against_none_links_every_unit(recorded, tmp_path):
+    finding = linking.run(context(recorded("small_cnn", "none"), tmp_path))
+    assert finding.value == pytest.approx(1.0)
+    assert 0 < finding.baseline < 0.05
+    first = finding.details["layers"]["0"]
+    assert first["inner"]["pairs"] == 0  # one input channel: trivially linked, left out of the pool
+    assert first["out"]["accuracy"] == pytest.approx(1.0)
+
+
+def test_inputs_against_none_are_recovered_exactly(recorded, tmp_path):
+    finding = inputs.run(context(recorded("small_cnn", "none"), tmp_path))
+    assert finding.value == pytest.approx(1.0, abs=1e-6)
+    assert finding.details["psnr_db"] >= 100
+    assert finding.baseline < 0.5
+    assert finding.details["images"] == 3 * 64
+    (figure,) = finding.figures.values()
+    assert (tmp_path / figure).is_file() and "none" in figure
+
+
+def _linear_first_op(step: Step, seed: int) -> Step:
+    """`step`'s true inputs as a linear first op on flattened pixels would see them under permute."""
+    x = step.truth.inputs
+    generator = torch.Generator().manual_seed(seed)
+    row, inner = torch.randperm(len(x), generator=generator), torch.randperm(x[0].numel(), generator=generator)
+    op = OpView(0, 1, "linear", {}, x.flatten(1)[row][:, inner], torch.zeros(10, x[0].numel()), torch.zeros(len(x), 10))
+    truth = StepTruth({}, x, step.truth.labels, {1: OpTruth("fc", "linear", {"row": row, "inner": inner})})
+    return Step(step.step, [op], truth)
+
+
+def test_inputs_undo_a_pixel_permutation(recorded, tmp_path):
+    real = load(recorded("small_cnn", "none"))
+    constructed = Transcript(real.directory, dict(real.config, scheme="permute"), [_linear_first_op(real.steps[0], 1)])
+    finding = inputs.run(AttackContext(constructed, tmp_path, test_size=500))
+    assert finding.details["first_op"] == "linear"
+    assert finding.value > finding.baseline + 0.2
+    assert finding.details["psnr_db"] > finding.details["baseline_psnr_db"]
+
+
+def test_inputs_undo_a_channel_permutation():
+    generator = torch.Generator().manual_seed(0)
+    shift = torch.tensor([0.0, 1.0, 2.0]).view(1, 3, 1, 1)
+    aux = torch.randn(200, 3, 8, 8, generator=generator) * (1 + shift) + shift
+    plain = torch.randn(64, 3, 8, 8, generator=generator) * (1 + shift) + shift
+    key = torch.tensor([2, 0, 1])
+    op = OpView(0, 1, "conv2d", {}, plain[:, key], torch.zeros(4, 3, 3, 3), torch.zeros(64, 4, 6, 6))
+    assert torch.equal(inputs.recover(op, aux), plain)
+
+
+def _truth_model(ctx: AttackContext) -> nn.Module:
+    """Stand-in for recovery.leaked_model: the true weights, the most a leak can give."""
+    model = ctx.new_model()
+    model.load_state_dict(ctx.transcript.steps[-1].truth.params)
+    return model
+
+
+@pytest.fixture
+def finetune(monkeypatch):
+    """The finetune attack with the leak replaced by the truth stand-in (recovery is written elsewhere)."""
+    if importlib.util.find_spec("tempo.attacks.recovery") is None:
+        monkeypatch.setitem(sys.modules, "tempo.attacks.recovery", types.ModuleType("tempo.attacks.recovery"))
+    from tempo.attacks import finetune
+
+    monkeypatch.setattr(finetune.recovery, "leaked_model", _truth_model, raising=False)
+    return finetune
+
+
+def test_finetune_from_the_true_weights_beats_scratch(finetune, recorded, tmp_path):
+    ctx = context(recorded("small_cnn", "none"), tmp_path, finetune_steps=10)
+    finding = finetune.run(ctx)
+    assert finding.baseline == 0.0
+    assert finding.value > 0.05
+    assert set(finding.details["fractions"]) == {"1%", "5%", "10%"}
+    again = finetune.run(context(recorded("small_cnn", "none"), tmp_path, finetune_steps=10))
+    assert again.details == finding.details
+
+
+def test_linking_and_inputs_are_reproducible(recorded, tmp_path):
+    folder = recorded("small_cnn", "permute")
+    for attack in (linking, inputs):
+        assert attack.run(context(folder, tmp_path)).details == attack.run(context(folder, tmp_path)).details
+
+
+def test_permute_numbers_are_finite_and_in_range(finetune, recorded, tmp_path):
+    ctx = context(recorded("small_cnn", "permute"), tmp_path, finetune_steps=2)
+    link, recovered, tuned = linking.run(ctx), inputs.run(ctx), finetune.run(ctx)
+    assert 0 <= link.value <= 1 and 0 < link.baseline < 1
+    assert -1 <= recovered.baseline <= recovered.value <= 1 and math.isfinite(recovered.details["psnr_db"])
+    assert -1 <= tuned.value <= 1
