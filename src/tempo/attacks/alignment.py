@@ -281,11 +281,6 @@ def _solve(cost: Tensor, capacity: int, seed: int) -> Tensor:
 
 # ---- scoring (reads the keys) ------------------------------------------------------------------------
 
-def key_of(step: Step, op: OpView, role: str, n: int) -> Tensor:
-    """Blinded index i along `role` holds plain index key[i] (identity for the `none` scheme)."""
-    return step.op_truth(op).key.get(role, torch.arange(n))
-
-
 def true_match(step: Step, pair: PairAlignment) -> Tensor:
     """SCORING ONLY: the right `match` for `pair`, from the keys."""
     link, ops = pair.link, step.ops
@@ -293,20 +288,20 @@ def true_match(step: Step, pair: PairAlignment) -> Tensor:
     if link.heads and src.kind == "linear":
         bmm1, bmm2 = ops[link.src + 1], ops[link.src + 2]
         d = bmm1.x.shape[-1]
-        plain = key_of(step, src, "out", src.y.shape[-1])
+        plain = step.key(src, "out", src.y.shape[-1])
         part, dim = plain // (link.heads * d), plain % d
-        inv_qk, inv_v = _inverse(key_of(step, bmm1, "inner", d)), _inverse(key_of(step, bmm2, "out", d))
+        inv_qk, inv_v = _inverse(step.key(bmm1, "inner", d)), _inverse(step.key(bmm2, "out", d))
         return part * d + torch.where(part < 2, inv_qk[dim], inv_v[dim])
     if link.heads:
         d = src.y.shape[-1]
-        plain = key_of(step, dst, "inner", dst.x.shape[1])
-        return _inverse(key_of(step, src, "out", d))[plain % d]
+        plain = step.key(dst, "inner", dst.x.shape[1])
+        return _inverse(step.key(src, "out", d))[plain % d]
     channels = src.y.shape[1]
-    plain = key_of(step, src, "out", channels)
+    plain = step.key(src, "out", channels)
     if link.flatten:
         positions = dst.x.shape[1] // channels
         plain = (plain[:, None] * positions + torch.arange(positions)).flatten()
-    return _inverse(key_of(step, dst, "inner", dst.x.shape[1]))[plain]
+    return _inverse(step.key(dst, "inner", dst.x.shape[1]))[plain]
 
 
 def _inverse(perm: Tensor) -> Tensor:

@@ -24,7 +24,7 @@ from torch import Tensor
 from torchvision.utils import save_image
 
 from .base import AttackContext, Finding
-from .transcript import OpView, Step
+from .transcript import OpView
 
 NAME = "inputs"
 
@@ -103,13 +103,6 @@ def recover(op: OpView, aux: Tensor) -> Tensor:
                      f"the first op is {op.kind} on {tuple(x.shape)} (images are {tuple(aux.shape[1:])})")
 
 
-def _truth_in_worker_order(step: Step) -> Tensor:
-    """The step's true inputs reordered by the first op's row key (scoring only)."""
-    key = step.op_truth(step.ops[0]).key
-    inputs = step.truth.inputs
-    return inputs[key["row"]] if "row" in key else inputs
-
-
 def _gaussian_window(size: int = 11, sigma: float = 1.5) -> Tensor:
     g = torch.exp(-((torch.arange(size, dtype=torch.float64) - (size - 1) / 2) ** 2) / (2 * sigma**2))
     g = g / g.sum()
@@ -158,7 +151,9 @@ def run(ctx: AttackContext) -> Finding:
     aux, _ = ctx.aux()
     steps = ctx.transcript.steps
     recovered = torch.cat([recover(step.ops[0], aux) for step in steps])
-    truth = torch.cat([_truth_in_worker_order(step) for step in steps]).to(recovered.dtype)
+    # scoring only: each step's true inputs in the order the worker saw them (the first op's row key)
+    truth = torch.cat([step.truth.inputs[step.key(step.ops[0], "row", len(step.truth.inputs))] for step in steps])
+    truth = truth.to(recovered.dtype)
     data_range = float(truth.max() - truth.min()) or 1.0
     guess = aux.mean(dim=0, keepdim=True).expand_as(truth).to(truth.dtype)
     value, baseline = ssim(recovered, truth, data_range), ssim(guess, truth, data_range)

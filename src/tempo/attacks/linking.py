@@ -51,17 +51,11 @@ def link(a: Tensor, b: Tensor) -> tuple[np.ndarray, float]:
     return match, float(np.median(chosen / np.maximum(others.min(axis=1), 1e-30)))
 
 
-def _identity_if_missing(key: dict[str, Tensor], role: str, n: int) -> np.ndarray:
-    """The key of a role, the identity where the scheme does not permute it (e.g. scheme `none`)."""
-    return key[role].numpy() if role in key else np.arange(n)
-
-
 def _score(before: Step, after: Step, index: int, role: str, match: np.ndarray) -> int:
     """How many links i -> match[i] join the same plaintext unit (truth used only here)."""
     n = len(match)
-    k0 = _identity_if_missing(before.op_truth(before.ops[index]).key, role, n)
-    k1 = _identity_if_missing(after.op_truth(after.ops[index]).key, role, n)
-    return int((k0 == k1[match]).sum())
+    k0, k1 = before.key(before.ops[index], role, n), after.key(after.ops[index], role, n)
+    return int((k0 == k1[torch.as_tensor(match)]).sum())
 
 
 def _link_axis(steps: list[Step], index: int, role: str) -> dict:

@@ -19,7 +19,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
-from .alignment import PairAlignment, alignment_of, chosen_step, key_of
+from .alignment import PairAlignment, alignment_of, chosen_step
 from .base import AttackContext
 from .transcript import Step
 
@@ -120,12 +120,12 @@ def attacker_basis(ctx: AttackContext) -> dict[str, tuple[Tensor, Tensor]]:
     out = {}
     for i in sites:
         op = step.ops[i]
-        rows = torch.arange(op.w.shape[0]) if i == sites[-1] else key_of(step, op, "out", op.w.shape[0])
+        rows = torch.arange(op.w.shape[0]) if i == sites[-1] else step.key(op, "out", op.w.shape[0])
         src = links[i].link.src if i in links else _previous_of_width(step, sites, i)
         if src is None:
-            inner = key_of(step, op, "inner", op.w.shape[1])
+            inner = step.key(op, "inner", op.w.shape[1])
         else:
-            plain = key_of(step, step.ops[src], "out", step.ops[src].w.shape[0])
+            plain = step.key(step.ops[src], "out", step.ops[src].w.shape[0])
             positions = op.w.shape[1] // len(plain)
             inner = (plain[:, None] * positions + torch.arange(positions)).flatten()
         out[ctx.sites[i].weight] = (rows, inner)
@@ -165,7 +165,7 @@ def leaked_model_with_enclave_params(ctx: AttackContext) -> nn.Module:
     step, basis = chosen_step(ctx), attacker_basis(ctx)
     last = weight_sites(ctx)[-1]
     rows = {name: rows for name, (rows, _) in basis.items()}
-    rows[ctx.sites[last].weight] = key_of(step, step.ops[last], "out", step.ops[last].w.shape[0])
+    rows[ctx.sites[last].weight] = step.key(step.ops[last], "out", step.ops[last].w.shape[0])
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name in rows or name not in step.truth.params:

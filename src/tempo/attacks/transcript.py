@@ -62,6 +62,11 @@ class Step:
     def op_truth(self, op: OpView) -> OpTruth:
         return self.truth.ops[op.handle]
 
+    def key(self, op: OpView, role: str, n: int) -> Tensor:
+        """SCORING ONLY: blinded index i along `role` (size n) holds plain index key[i]; identity where
+        the scheme leaves the axis alone (everywhere for `none`)."""
+        return self.op_truth(op).key.get(role, torch.arange(n))
+
 
 @dataclass
 class Transcript:

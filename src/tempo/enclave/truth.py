@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..wire.transcript import StepWindow
+
 
 class GroundTruth:
     """Collects one step at a time and writes ``step-NNNNNN.pt``; keeps only the last `keep_steps`
@@ -23,19 +25,16 @@ class GroundTruth:
     def __init__(self, directory: Path, *, keep_steps: int | None = None, until: int | None = None):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.keep_steps, self.until = keep_steps, until
+        self.window = StepWindow(keep_steps, until)
         self._current: dict[str, Any] | None = None
         warnings.warn(f"tempo: recording ground truth (plaintext weights, inputs, keys) to {self.directory}: "
                       "for leakage evaluation only", stacklevel=2)
 
     def begin_step(self, step: int, params: dict[str, Tensor], inputs: Tensor, labels: Tensor) -> None:
         self.flush()
-        if self.until is not None and step > self.until:
-            return
-        self._current = {"step": step, "params": {k: v.detach().clone() for k, v in params.items()},
-                         "inputs": inputs.detach().clone(), "labels": labels.detach().clone(), "ops": {}}
-        if self.keep_steps:
-            (self.directory / f"step-{step - self.keep_steps:06d}.pt").unlink(missing_ok=True)
+        if self.window.begin(step, self.directory, ".pt"):
+            self._current = {"step": step, "params": {k: v.detach().clone() for k, v in params.items()},
+                             "inputs": inputs.detach().clone(), "labels": labels.detach().clone(), "ops": {}}
 
     def op(self, step: int, handle: int, name: str, kind: str, key: dict[str, Tensor]) -> None:
         """The key of one op invocation, under the handle its worker saw."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ProtocolError
@@ -28,6 +29,25 @@ def starts_step(previous: Job | None, job: Job) -> bool:
     """Whether `job` opens a new training step, judged from the traffic alone."""
     return (isinstance(job, ForwardJob) and is_training_job(job)
             and (previous is None or isinstance(previous, BackwardJob)))
+
+
+@dataclass(frozen=True)
+class StepWindow:
+    """Which training steps a recording keeps: the last `keep` (None: all) up to step `until` (None: the end).
+
+    Shared by the workers' transcripts and the enclave's ground truth, so both hold the same steps.
+    """
+
+    keep: int | None = None
+    until: int | None = None
+
+    def begin(self, step: int, directory: Path, suffix: str) -> bool:
+        """Step `step` starts: drop the file that falls out of the window; whether to record this step."""
+        if self.until is not None and step > self.until:
+            return False
+        if self.keep:
+            (directory / f"step-{step - self.keep:06d}{suffix}").unlink(missing_ok=True)
+        return True
 
 
 def append(path: Path, messages: list[Message]) -> None:

@@ -24,8 +24,9 @@ class RecordingCore(WorkerCore):
         super().__init__(device)
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.keep_steps, self.until = keep_steps, until
+        self.window = transcript.StepWindow(keep_steps, until)
         self.step = 0
+        self._recording = False
         self._previous: Job | None = None
 
     def handle(self, job: Job) -> Reply:
@@ -33,13 +34,8 @@ class RecordingCore(WorkerCore):
         if transcript.is_training_job(job):
             if transcript.starts_step(self._previous, job):
                 self.step += 1
-                if self._recording and self.keep_steps:
-                    (self.directory / f"step-{self.step - self.keep_steps:06d}.tr").unlink(missing_ok=True)
+                self._recording = self.window.begin(self.step, self.directory, ".tr")
             if self._recording:
                 transcript.append(self.directory / f"step-{self.step:06d}.tr", [job, reply])
             self._previous = job
         return reply
-
-    @property
-    def _recording(self) -> bool:
-        return self.until is None or self.step <= self.until
