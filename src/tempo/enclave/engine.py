@@ -25,6 +25,7 @@ from .intercept import OffloadMode, warn_once
 from .keys import KeyStream
 from .pools import WorkerPool
 from .protocol import OffloadStats
+from .residency import Residency
 from .truth import GroundTruth
 
 # Module types whose products Tempo cannot offload; they run in the enclave (or are refused).
@@ -40,6 +41,7 @@ class Engine:
                  truth: GroundTruth | None = None):
         self.pool, self.scheme, self.checks, self.rng = pool, scheme, checks, rng
         self.truth = truth
+        self.residency: Residency | None = None  # key lifetime K > 1: resident weights (set by protect)
         self.stats = OffloadStats()
         self.step = 0
         self.scope: list[str] = []
@@ -105,8 +107,8 @@ def validate_model(model: nn.Module) -> list[str]:
 
 
 def protect(model: nn.Module, workers: WorkerPool, *, scheme: str | Scheme = "permute", checks: int = 2,
-            strict: bool = False, key_seed: int | None = None, truth: GroundTruth | None = None
-            ) -> ProtectedModel:
+            strict: bool = False, key_lifetime: int = 1, key_seed: int | None = None,
+            truth: GroundTruth | None = None) -> ProtectedModel:
     """Wrap `model` so every linear, convolution and attention product runs blinded on `workers`.
 
     Args:
@@ -115,12 +117,20 @@ def protect(model: nn.Module, workers: WorkerPool, *, scheme: str | Scheme = "pe
         scheme: blinding scheme name (``"permute"``; ``"none"`` is the insecure reference).
         checks: Freivalds vectors per product (t); a wrong result slips through with prob <= 2^-t.
         strict: refuse layers that cannot be offloaded instead of running them in the enclave.
+        key_lifetime: training steps each weight keeps its key (K). 1: fresh keys for every product.
+            K > 1: W' stays resident on a worker, which repeats each SGD/Adam/AdamW step on it in
+            blinded form: less traffic, but a worker sees one weight under one key for K steps.
         key_seed: make keys reproducible. Predictable keys are insecure: tests and experiments only.
         truth: record every op's key for the leakage suite (``tempo train --record``); evaluation only.
     """
     blinding = get_scheme(scheme)
     if checks < 0:
         raise ConfigError(f"checks must be >= 0, got {checks}")
+    if not isinstance(key_lifetime, int) or isinstance(key_lifetime, bool) or key_lifetime < 1:
+        raise ConfigError(f"key_lifetime must be an integer >= 1, got {key_lifetime!r}")
+    if key_lifetime > 1 and not blinding.updates_commute:
+        raise ConfigError(f"scheme '{blinding.name}' cannot update blinded weights element-wise: "
+                          "it needs key_lifetime=1")
     if not blinding.secure:
         warnings.warn(f"tempo: scheme '{blinding.name}' is INSECURE: {blinding.summary}", stacklevel=2)
     if checks == 0:
@@ -131,5 +141,7 @@ def protect(model: nn.Module, workers: WorkerPool, *, scheme: str | Scheme = "pe
         raise UnsupportedModelError(offenders)
     for o in offenders:
         warnings.warn(f"tempo: {o} cannot be offloaded and runs inside the enclave", stacklevel=2)
-    return ProtectedModel(model, Engine(workers, blinding, checks=checks, rng=KeyStream(key_seed),
-                                             truth=truth))
+    engine = Engine(workers, blinding, checks=checks, rng=KeyStream(key_seed), truth=truth)
+    if key_lifetime > 1:
+        engine.residency = Residency(engine, key_lifetime, model)
+    return ProtectedModel(model, engine)

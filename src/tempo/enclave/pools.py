@@ -26,7 +26,7 @@ DEFAULT_TIMEOUT_S = 600.0
 def tensor_bytes(msg: Job | Reply) -> int:
     """Payload bytes of a message's tensors (what an in-process 'wire' would carry)."""
     tensors = list(getattr(msg, "tensors", {}).values())
-    tensors += [getattr(msg, n) for n in ("x", "w", "dy") if hasattr(msg, n)]
+    tensors += [t for n in ("x", "w", "dy") if (t := getattr(msg, n, None)) is not None]
     return sum(t.numel() * t.element_size() for t in tensors)
 
 

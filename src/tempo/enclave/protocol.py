@@ -6,7 +6,8 @@ dY (same key), and the worker answers dX' and dW' from what it kept. Every reply
 hostile: job id, names, dtype and shape are checked first, then each product is verified with
 Freivalds checks in plaintext space (unblinding a permutation is exact, so this is the same test
 as on the blinded product, and the enclave keeps no blinded copies). A result that fails is
-never returned.
+never returned. With a key lifetime K > 1 a parameter's W' is resident on its home worker
+(:mod:`tempo.enclave.residency`): the op then sends only X', under the weight's held inner key.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from ..errors import IntegrityError, WorkerError
+from ..errors import ConfigError, IntegrityError, WorkerError
 from ..products import OpShapes, Product, ProductKind
 from ..schemes import Operand
 from ..wire.messages import BackwardJob, Failure, ForwardJob, Job, Reply, Result
 
 if TYPE_CHECKING:
     from .engine import Engine
+    from .residency import ResidentWeight
 
 
 @dataclass
@@ -46,19 +48,29 @@ class OffloadedOp:
     def __init__(self, engine: Engine, kind: ProductKind, name: str):
         self.engine, self.kind, self.name = engine, kind, name
         self.step = engine.step
-        self.worker = engine.next_worker()
+        self.worker = -1
         self.handle = engine.new_id()
         self.key = None
         self.shapes: OpShapes | None = None
         self.keep_x = self.keep_w = False
+        self.resident: ResidentWeight | None = None
+        self._generation = 0  # the resident W' this invocation's forward used
         self._finalizer: weakref.finalize | None = None
 
     def forward(self, x: Tensor, w: Tensor, *, keep_x: bool, keep_w: bool) -> Tensor:
         problem = self.kind.check_operands(x.shape, w.shape)
         if problem:
             raise ValueError(f"op '{self.name}': {problem}")
+        eng = self.engine
         self.shapes = OpShapes(x.shape, w.shape, self.kind.output_shape(x.shape, w.shape))
-        self.key = self.engine.scheme.new_key(self.kind.key_shape(x.shape, w.shape), self.engine.rng)
+        shape = self.kind.key_shape(x.shape, w.shape)
+        self.resident = eng.residency.use(w, self.kind, shape) if eng.residency is not None else None
+        if self.resident is None:
+            self.worker = eng.next_worker()
+            self.key = eng.scheme.new_key(shape, eng.rng)
+        else:
+            self.worker, self._generation = self.resident.worker, self.resident.generation
+            self.key = eng.scheme.with_fresh_rows(self.resident.key, shape, eng.rng)
         self.keep_x, self.keep_w = keep_x, keep_w
         return self._submit_forward(x, w)
 
@@ -67,8 +79,9 @@ class OffloadedOp:
         job = ForwardJob(
             job_id=eng.new_id(), handle=self.handle, kind=self.kind.name, params=self.kind.params(),
             x=eng.scheme.blind(x.detach(), layouts.x, Operand.X, self.key),
-            w=eng.scheme.blind(w.detach(), layouts.w, Operand.W, self.key),
-            keep_x=self.keep_x, keep_w=self.keep_w, release=eng.take_releases(self.worker))
+            w=None if self.resident else eng.scheme.blind(w.detach(), layouts.w, Operand.W, self.key),
+            keep_x=self.keep_x, keep_w=self.keep_w, release=eng.take_releases(self.worker),
+            weight=self.resident.weight_id if self.resident else 0)
         if eng.truth is not None and (self.keep_x or self.keep_w):  # training traffic only, as recorded
             eng.truth.op(self.step, self.handle, self.name, self.kind.name, eng.scheme.key_tensors(self.key))
         if self.keep_x or self.keep_w:  # if the backward never comes, tell the worker to drop what it kept
@@ -80,6 +93,10 @@ class OffloadedOp:
 
     def backward(self, dy: Tensor, x: Tensor, w: Tensor, *, need_dx: bool, need_dw: bool
                  ) -> tuple[Tensor | None, Tensor | None]:
+        if self.resident is not None and self.resident.generation != self._generation:
+            raise ConfigError(f"op '{self.name}': its weight '{self.resident.name}' was stepped or re-keyed "
+                              "since this forward; with key_lifetime > 1 run each backward before "
+                              "optimizer.step() and before the forward that starts a new key")
         if self._finalizer is None:
             # A second backward through a retained graph: the worker freed X', W' after the first.
             # Send them again under a new handle (same key) rather than keep them for every op.
@@ -109,6 +126,8 @@ class OffloadedOp:
         if need_dw:
             dw = eng.scheme.unblind(results["dw"], layouts.w, Operand.DW, self.key)
             self._verify(Product.GRAD_WEIGHT, x, dy, dw)
+            if self.resident is not None:
+                eng.residency.accumulate(self.resident, dw)
         return dx, dw
 
     # -- hostile-reply handling ------------------------------------------------------------------
@@ -155,5 +174,8 @@ class OffloadedOp:
         problem = eng.verify(self.kind, product, u.detach(), v.detach(), claim, self.shapes)
         if problem:
             eng.stats.checks_failed += 1
+            if self.resident is not None:
+                problem += (f" (W' of '{self.resident.name}' is resident on the worker; writing the weight "
+                            "through .data, which Tempo cannot see, also causes this)")
             raise IntegrityError(op=self.name, product=product.value, step=self.step,
                                  worker=eng.pool.name(self.worker), detail=problem)

@@ -41,10 +41,18 @@ class Scheme(ABC):
     name: ClassVar[str]
     secure: ClassVar[bool] = True
     summary: ClassVar[str]
+    # Whether an element-wise optimizer step on a blinded weight, with its blinded gradient, is the
+    # blinded step (true for permutations): what a key lifetime K > 1 needs.
+    updates_commute: ClassVar[bool] = False
 
     @abstractmethod
     def new_key(self, shape: KeyShape, rng: RandomSource) -> Any:
         """A fresh key for one op invocation (its forward and its backward)."""
+
+    @abstractmethod
+    def with_fresh_rows(self, key: Any, shape: KeyShape, rng: RandomSource) -> Any:
+        """A key for one invocation that keeps `key`'s weight axes (inner, out) and draws every other axis
+        afresh: how a weight held for K steps (key lifetime) meets new inputs."""
 
     @abstractmethod
     def blind(self, t: Tensor, layout: Layout, operand: Operand, key: Any) -> Tensor:

@@ -14,8 +14,12 @@ class NoBlinding(Scheme):
     name = "none"
     secure = False
     summary = "INSECURE reference: workers see plaintext weights, activations and gradients"
+    updates_commute = True
 
     def new_key(self, shape: KeyShape, rng: RandomSource) -> Any:
+        return None
+
+    def with_fresh_rows(self, key: Any, shape: KeyShape, rng: RandomSource) -> Any:
         return None
 
     def blind(self, t: Tensor, layout: Layout, operand: Operand, key: Any) -> Tensor:

@@ -105,6 +105,7 @@ def permute_axes(t: Tensor, perms: list[Tensor | None], scratch: Scratch | None 
 class Permute(Scheme):
     name = "permute"
     summary = "fresh secret permutations of rows, inner and output axes (MM-obfuscation)"
+    updates_commute = True
 
     def __init__(self) -> None:
         self._scratch = Scratch()
@@ -122,6 +123,16 @@ class Permute(Scheme):
             local = (perms[Role.INNER] % cpg).view(g, 1, cpg)
             inner_of_out = local.expand(g, opg, cpg).reshape(g * opg, cpg)
         return PermutationKey(perms, inner_of_out)
+
+    def with_fresh_rows(self, key: PermutationKey, shape: KeyShape, rng: RandomSource) -> PermutationKey:
+        held = (Role.INNER, Role.OUT)
+        for role in held:
+            if key.perms[role].numel() != shape.sizes[role]:
+                raise ValueError(f"held key covers {key.perms[role].numel()} {role.value} indices, "
+                                 f"the op has {shape.sizes[role]}")
+        perms = {role: key.perms[role] if role in held else rng.permutation(n) for role, n in shape.sizes.items()}
+        inverses = {role: key.inverse(role) for role in held}  # computed once per held key
+        return PermutationKey(perms, key.inner_of_out, inverses)
 
     def blind(self, t: Tensor, layout: Layout, operand: Operand, key: PermutationKey) -> Tensor:
         if key.inner_of_out is not None and Role.INNER_OF_OUT in layout:

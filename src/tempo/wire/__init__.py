@@ -1,10 +1,33 @@
 """The wire protocol: the only package both sides of the trust boundary import."""
 
 from .codec import decode, encode
-from .messages import PROTOCOL_VERSION, BackwardJob, Failure, ForwardJob, Message, Result, Shutdown
+from .messages import (
+    PROTOCOL_VERSION,
+    UPDATABLE_OPTIMIZERS,
+    BackwardJob,
+    Failure,
+    ForwardJob,
+    Install,
+    Message,
+    Result,
+    Shutdown,
+    Update,
+)
 from .transport import SocketTransport, TrafficStats
 
 __all__ = [
-    "PROTOCOL_VERSION", "BackwardJob", "Failure", "ForwardJob", "Message", "Result", "Shutdown",
-    "SocketTransport", "TrafficStats", "decode", "encode",
+    "PROTOCOL_VERSION",
+    "UPDATABLE_OPTIMIZERS",
+    "BackwardJob",
+    "Failure",
+    "ForwardJob",
+    "Install",
+    "Message",
+    "Result",
+    "Shutdown",
+    "SocketTransport",
+    "TrafficStats",
+    "Update",
+    "decode",
+    "encode",
 ]

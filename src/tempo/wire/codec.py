@@ -16,14 +16,17 @@ import torch
 from torch import Tensor
 
 from ..errors import ProtocolError
-from .messages import BackwardJob, Failure, ForwardJob, Message, Result, Shutdown
+from .messages import BackwardJob, Failure, ForwardJob, Install, Message, Result, Shutdown, Update
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
            "bfloat16": torch.bfloat16}
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
-_TYPES = {cls.__name__: cls for cls in (ForwardJob, BackwardJob, Result, Failure, Shutdown)}
+_TYPES = {cls.__name__: cls for cls in (ForwardJob, BackwardJob, Install, Update, Result, Failure, Shutdown)}
 _FIELD_TYPES = {"job_id": int, "handle": int, "kind": str, "params": dict, "keep_x": bool, "keep_w": bool,
-                "need_dx": bool, "need_dw": bool, "message": str, "release": list}
+                "need_dx": bool, "need_dw": bool, "message": str, "release": list, "weight": int,
+                "optimizer": str, "entries": list}
+_TENSOR_FIELDS = ("x", "w", "dy")
+_OPTIONAL_TENSORS = {(ForwardJob, "w")}  # absent: the job uses a resident weight
 _MAX_HEADER = 1 << 20
 _MAX_DIMS = 8
 
@@ -38,6 +41,8 @@ def encode(msg: Message) -> bytes:
                 blobs.append(_encode_tensor(header, name, t))
         elif isinstance(value, Tensor):
             blobs.append(_encode_tensor(header, f.name, value))
+        elif f.name in _TENSOR_FIELDS:  # an optional tensor that is absent
+            continue
         else:
             header[f.name] = list(value) if isinstance(value, tuple) else value
     head = json.dumps(header).encode()
@@ -74,10 +79,10 @@ def decode(frame: bytes | bytearray | memoryview, *, max_bytes: int) -> Message:
     for f in dataclasses.fields(cls):
         if f.name == "tensors":
             kwargs["tensors"] = tensors
-        elif f.name in ("x", "w", "dy"):
-            if f.name not in tensors:
+        elif f.name in _TENSOR_FIELDS:
+            if f.name not in tensors and (cls, f.name) not in _OPTIONAL_TENSORS:
                 raise ProtocolError(f"{cls.__name__} lacks tensor '{f.name}'")
-            kwargs[f.name] = tensors[f.name]
+            kwargs[f.name] = tensors.get(f.name)
         elif f.name in header:
             kwargs[f.name] = _check_field(cls.__name__, f.name, header[f.name])
         elif f.default is dataclasses.MISSING:

@@ -21,8 +21,12 @@ MAX_RECORD_BYTES = 4 << 30
 
 
 def is_training_job(job: Job) -> bool:
-    """Jobs of a training step; forward-only (evaluation) jobs keep nothing for a backward."""
-    return isinstance(job, BackwardJob) or job.keep_x or job.keep_w
+    """Products of a training step; forward-only (evaluation) jobs keep nothing for a backward.
+
+    Installs and updates of resident weights are not products: a transcript shows a resident W'
+    inside each forward job that used it (see :class:`tempo.worker.recorder.RecordingCore`).
+    """
+    return isinstance(job, BackwardJob) or (isinstance(job, ForwardJob) and (job.keep_x or job.keep_w))
 
 
 def starts_step(previous: Job | None, job: Job) -> bool:

@@ -4,15 +4,17 @@ This is the adversary of the leakage suite (``tempo train --record``). It change
 what the worker computes or returns. Training steps go to one file each (``step-NNNNNN.tr``);
 only the last `keep_steps` are kept, so long runs do not fill the disk, and nothing after step
 `until` is written (to record a window in mid-training, where weights still move). Evaluation traffic
-(forward jobs that keep nothing) is not recorded.
+(forward jobs that keep nothing) is not recorded. A forward job that used a resident weight (key
+lifetime K > 1) is recorded with the W' the worker held, which is what it saw.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from ..wire import transcript
-from ..wire.messages import Job, Reply
+from ..wire.messages import ForwardJob, Job, Reply, Result
 from .core import WorkerCore
 
 
@@ -36,6 +38,9 @@ class RecordingCore(WorkerCore):
                 self.step += 1
                 self._recording = self.window.begin(self.step, self.directory, ".tr")
             if self._recording:
-                transcript.append(self.directory / f"step-{self.step:06d}.tr", [job, reply])
+                seen = job
+                if isinstance(job, ForwardJob) and job.w is None and isinstance(reply, Result):
+                    seen = dataclasses.replace(job, w=self.resident_weight(job.weight))
+                transcript.append(self.directory / f"step-{self.step:06d}.tr", [seen, reply])
             self._previous = job
         return reply

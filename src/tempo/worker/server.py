@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from ..errors import ProtocolError
-from ..wire.messages import BackwardJob, Failure, ForwardJob, Shutdown
+from ..wire.messages import BackwardJob, Failure, ForwardJob, Install, Shutdown, Update
 from ..wire.transport import SocketTransport
 from .core import WorkerCore
 
@@ -24,7 +24,7 @@ def serve(transport: SocketTransport, core: WorkerCore) -> None:
             continue
         if isinstance(msg, Shutdown):
             return
-        if not isinstance(msg, ForwardJob | BackwardJob):
+        if not isinstance(msg, ForwardJob | BackwardJob | Install | Update):
             transport.send(Failure(-1, f"workers accept only jobs, got {type(msg).__name__}"))
             continue
         transport.send(core.handle(msg))
