@@ -112,6 +112,7 @@ def test_unknown_model(tmp_path: Path) -> None:
     (["--synthetic-shape", "3,16"], "--synthetic-shape must be C,H,W"),
     (["--batch-size", "64"], "batch size 64 exceeds the 32 training images"),
     (["--lr", "-1"], "lr must be > 0"),
+    (["--mode", "plain", "--key-lifetime", "3"], "--key-lifetime needs --mode tempo"),
     (["--train-subset", "0", "--dataset", "cifar10"], "CIFAR-10 has no default location"),
 ])
 def test_bad_settings(args: list[str], fragment: str) -> None:
@@ -247,5 +248,10 @@ def test_modes_agree_step_for_step(tmp_path: Path) -> None:
         assert all((s["bytes_sent"] > 0) == (mode is Mode.TEMPO) for s in run.steps)
     assert len(losses[Mode.TEMPO]) == 3
     torch.testing.assert_close(losses[Mode.TEMPO], losses[Mode.ENCLAVE], rtol=1e-4, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        resident = train(dataclasses.replace(config, key_lifetime=2, out=tmp_path / "k2"), log=lambda _: None)
+    torch.testing.assert_close(torch.tensor([s["loss"] for s in resident.steps]), losses[Mode.ENCLAVE],
+                               rtol=1e-4, atol=0)
     if not torch.cuda.is_available():  # on CUDA, plain mode rounds differently (TF32 convolutions)
         torch.testing.assert_close(losses[Mode.TEMPO], losses[Mode.PLAIN], rtol=1e-4, atol=0)

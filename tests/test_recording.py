@@ -25,12 +25,13 @@ from test_cli import invoke
 pytestmark = pytest.mark.filterwarnings("ignore:tempo. recording ground truth")
 
 
-def _train(pool, steps: int = 3, *, truth: GroundTruth | None = None, scheme: str = "permute") -> None:
+def _train(pool, steps: int = 3, *, truth: GroundTruth | None = None, scheme: str = "permute",
+           key_lifetime: int = 1) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        net = tempo.protect(model, pool, scheme=scheme, key_seed=7, truth=truth)
+        net = tempo.protect(model, pool, scheme=scheme, key_seed=7, truth=truth, key_lifetime=key_lifetime)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for i in range(steps):
         x, y = torch.randn(4, 6, generator=torch.Generator().manual_seed(i)), torch.tensor([0, 1, 2, 0])
@@ -85,9 +86,14 @@ def test_recording_is_off_by_default(tmp_path: Path) -> None:
         assert all(type(core) is WorkerCore for core in pool.cores)
 
 
-def test_recorded_view_and_truth_agree(tmp_path: Path) -> None:
-    """The worker's W' is exactly the step's plaintext weight under the recorded key; eval traffic is skipped."""
-    _train(InProcessPool(1, record=tmp_path / "view"), steps=4, truth=GroundTruth(tmp_path / "truth"))
+@pytest.mark.parametrize("key_lifetime", [1, 3])
+def test_recorded_view_and_truth_agree(tmp_path: Path, key_lifetime: int) -> None:
+    """The worker's W' is exactly the step's plaintext weight under the recorded key; eval traffic is skipped.
+
+    With a key lifetime the recorded W' is the resident copy the worker used, updated by the worker itself.
+    """
+    _train(InProcessPool(1, record=tmp_path / "view"), steps=4, truth=GroundTruth(tmp_path / "truth"),
+           key_lifetime=key_lifetime)
     (tmp_path / "config.json").write_text('{"scheme": "permute", "model": "mlp"}')
     t = load(tmp_path)
     assert [s.step for s in t.steps] == [1, 2, 3, 4]
@@ -100,6 +106,11 @@ def test_recorded_view_and_truth_agree(tmp_path: Path) -> None:
             assert op.dy is not None and op.dw is not None
         first, key = step.ops[0], step.op_truth(step.ops[0]).key
         assert torch.equal(first.x, step.truth.inputs[key["row"]][:, key["inner"]])
+    if key_lifetime > 1:  # the weight's axes keep their key for 3 steps; rows get a fresh one every time
+        keys = [step.op_truth(step.ops[0]).key for step in t.steps]
+        assert all(torch.equal(keys[0][axis], k[axis]) for k in keys[1:3] for axis in ("inner", "out"))
+        assert not torch.equal(keys[2]["out"], keys[3]["out"])
+        assert not any(torch.equal(a["row"], b["row"]) for a, b in zip(keys, keys[1:], strict=False))
 
 
 def test_only_the_last_steps_are_kept(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tempo.errors import ProtocolError
-from tempo.wire import BackwardJob, Failure, ForwardJob, Result, Shutdown, decode, encode
+from tempo.wire import BackwardJob, Failure, ForwardJob, Install, Result, Shutdown, Update, decode, encode
 
 LIMIT = 1 << 24
 
@@ -18,7 +18,11 @@ def test_round_trip_every_message():
     x, w = torch.randn(3, 4), torch.randn(5, 4, dtype=torch.float64)
     msgs = [
         ForwardJob(1, 2, "conv2d", {"stride": [1, 2], "groups": 1}, x, w, True, False, (7, 8)),
+        ForwardJob(9, 2, "linear", {}, x, None, True, True, weight=4),
         BackwardJob(3, 2, torch.randn(3, 5), True, True),
+        Install(10, 4, w),
+        Update(11, "AdamW", [{"weight": 4, "scale": 0.5, "hyper": {"lr": 0.1, "betas": [0.9, 0.99]},
+                               "state": {"step": 3.0}}], {"state/4/exp_avg": torch.randn(5, 4)}),
         Result(4, {"dx": torch.randn(2, 2), "dw": torch.empty(0, 3)}),
         Failure(5, "boom"), Shutdown(),
     ]
@@ -57,6 +61,8 @@ def _frame(header: dict, body: bytes = b"") -> bytes:
     (_frame({"type": "BackwardJob", "job_id": 1, "handle": 1, "need_dx": True, "need_dw": True, "tensors": []}),
      "lacks tensor 'dy'"),
     (_frame({"type": "ForwardJob", "job_id": 1, "tensors": []}), "lacks"),
+    (_frame({"type": "Install", "job_id": 1, "weight": 2, "tensors": []}), "lacks tensor 'w'"),
+    (_frame({"type": "Update", "job_id": 1, "optimizer": "SGD", "entries": {}, "tensors": []}), "must be list"),
 ])
 def test_malformed_frames_are_rejected(frame, complaint):
     with pytest.raises(ProtocolError, match=complaint):

@@ -40,6 +40,11 @@ def train(
     scheme: Annotated[str, typer.Option(help="Blinding scheme: permute, or none (INSECURE).")] = _DEFAULTS.scheme,
     checks: Annotated[int, typer.Option(min=0, help="Freivalds checks per product (0 disables).")
                       ] = _DEFAULTS.checks,
+    key_lifetime: Annotated[int, typer.Option(
+        min=1, help="Training steps each weight keeps its key. 1: fresh keys for every product. K > 1: each "
+                    "worker keeps its blinded weights and repeats the optimizer step on them, which saves "
+                    "sending them every step but shows a worker one weight under one key for K steps.")
+                            ] = _DEFAULTS.key_lifetime,
     worker_timeout: Annotated[float, typer.Option(help="Seconds to wait for a worker's reply.")
                               ] = _DEFAULTS.worker_timeout,
     seed: Annotated[int, typer.Option(help="Fixes initial weights, data order and subsets.")] = _DEFAULTS.seed,
@@ -80,7 +85,7 @@ def train(
         run(TrainConfig(
             model=model, dataset=dataset, data_dir=data_dir, epochs=epochs, batch_size=batch_size, lr=lr,
             mode=mode, workers=workers, in_process_workers=in_process_workers, scheme=scheme, checks=checks,
-            worker_timeout=worker_timeout, seed=seed, out=out, train_subset=train_subset or None,
+            key_lifetime=key_lifetime, worker_timeout=worker_timeout, seed=seed, out=out, train_subset=train_subset or None,
             test_subset=test_subset or None, image_size=image_size or None, normalize=normalize,
             synthetic_shape=parse_shape(synthetic_shape), synthetic_classes=synthetic_classes,
             record=record, record_steps=record_steps, record_until=record_until or None, progress=progress))

@@ -94,9 +94,9 @@ class OffloadedOp:
     def backward(self, dy: Tensor, x: Tensor, w: Tensor, *, need_dx: bool, need_dw: bool
                  ) -> tuple[Tensor | None, Tensor | None]:
         if self.resident is not None and self.resident.generation != self._generation:
-            raise ConfigError(f"op '{self.name}': its weight '{self.resident.name}' was stepped or re-keyed "
-                              "since this forward; with key_lifetime > 1 run each backward before "
-                              "optimizer.step() and before the forward that starts a new key")
+            raise ConfigError(f"op '{self.name}': its weight '{self.resident.name}' got a new key (a later "
+                              "forward began its next key period) before this forward's backward; with "
+                              "key_lifetime > 1 run each backward before the next training forward")
         if self._finalizer is None:
             # A second backward through a retained graph: the worker freed X', W' after the first.
             # Send them again under a new handle (same key) rather than keep them for every op.

@@ -16,6 +16,7 @@ class RecordingPool(WorkerPool):
         self.inner = inner
         self.received: list[tuple[str, Tensor]] = []  # (field, tensor) sent to workers
         self.returned: list[tuple[str, Tensor]] = []
+        self.jobs: list[str] = []  # message type of every job, in order
 
     @property
     def size(self) -> int:
@@ -26,8 +27,10 @@ class RecordingPool(WorkerPool):
 
     def call(self, index: int, job: Job) -> Reply:
         for field in ("x", "w", "dy"):
-            if hasattr(job, field):
-                self.received.append((field, getattr(job, field).clone()))
+            if (t := getattr(job, field, None)) is not None:
+                self.received.append((field, t.clone()))
+        self.received += [(k, v.clone()) for k, v in getattr(job, "tensors", {}).items()]
+        self.jobs.append(type(job).__name__)
         reply = self.inner.call(index, job)
         self.returned += [(k, v.clone()) for k, v in getattr(reply, "tensors", {}).items()]
         self.stats = self.inner.stats

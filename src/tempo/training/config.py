@@ -46,6 +46,7 @@ class TrainConfig:
     in_process_workers: bool = False
     scheme: str = "permute"
     checks: int = 2
+    key_lifetime: int = 1  # training steps a weight keeps its key (K > 1: resident, updated by its worker)
     worker_timeout: float = 600.0
     seed: int = 0
     train_subset: int | None = 15_000  # None: the whole training set
@@ -71,7 +72,7 @@ class TrainConfig:
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, Path(getattr(self, name)))
         problems = [f"{name} must be >= {low}, got {getattr(self, name)}"
-                    for name, low in (("epochs", 1), ("batch_size", 1), ("workers", 1), ("checks", 0),
+                    for name, low in (("epochs", 1), ("batch_size", 1), ("workers", 1), ("checks", 0), ("key_lifetime", 1),
                                       ("synthetic_classes", 2), ("record_steps", 1))
                     if getattr(self, name) < low]
         problems += [f"{name} must be >= 1 (or unset), got {getattr(self, name)}"
@@ -83,6 +84,8 @@ class TrainConfig:
             problems.append(f"synthetic_shape must be positive, got {self.synthetic_shape}")
         if self.record is not None and self.mode is not Mode.TEMPO:
             problems.append(f"--record needs --mode tempo (mode {self.mode.value} has no workers to record)")
+        if self.key_lifetime > 1 and self.mode is not Mode.TEMPO:
+            problems.append(f"--key-lifetime needs --mode tempo (mode {self.mode.value} blinds nothing)")
         if problems:
             raise ConfigError("invalid training settings: " + "; ".join(problems))
 

@@ -60,7 +60,8 @@ def _placement(config: TrainConfig, model: nn.Module) -> Iterator[tuple[nn.Modul
         with tempo.local_workers(config.workers, in_process=config.in_process_workers,
                                  timeout=config.worker_timeout, record=None if record is None else record / "view",
                                  record_steps=config.record_steps, record_until=config.record_until) as pool:
-            protected = tempo.protect(model, pool, scheme=config.scheme, checks=config.checks, truth=truth)
+            protected = tempo.protect(model, pool, scheme=config.scheme, checks=config.checks,
+                                      key_lifetime=config.key_lifetime, truth=truth)
             yield protected, torch.device("cpu"), lambda: (pool.stats.bytes_sent, pool.stats.bytes_received)
         if truth is not None:
             truth.flush()
@@ -73,7 +74,8 @@ def describe(config: TrainConfig, data: LoadedData) -> str:
     where = {Mode.PLAIN: "plain PyTorch", Mode.ENCLAVE: "enclave-only (CPU, no workers)",
              Mode.TEMPO: f"tempo mode, {config.workers} "
                          f"{'in-process' if config.in_process_workers else 'process'} worker(s), "
-                         f"scheme {config.scheme}, checks {config.checks}"}[config.mode]
+                         f"scheme {config.scheme}, checks {config.checks}, key lifetime {config.key_lifetime}"
+             }[config.mode]
     return (f"training {config.model} on {config.dataset.value} ({len(data.train)} train / {len(data.test)} test "
             f"images, {data.channels}x{data.image_size}x{data.image_size}) for {config.epochs} epoch(s), "
             f"batch {config.batch_size}, lr {config.lr} (cosine), seed {config.seed}: {where}")
