@@ -198,7 +198,7 @@ def test_backward_after_the_weight_was_re_keyed_is_refused() -> None:
     loss = F.cross_entropy(run.net(x), y)  # step 1: installs
     for _ in range(2):
         run.net(x)  # steps 2, 3: the third re-keys every weight
-    with pytest.raises(ConfigError, match="got a new key .* before this forward's backward"):
+    with pytest.raises(ConfigError, match=r"got a new key .* before this forward's backward"):
         loss.backward()
 
 

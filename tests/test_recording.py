@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from pathlib import Path
 
@@ -110,7 +111,7 @@ def test_recorded_view_and_truth_agree(tmp_path: Path, key_lifetime: int) -> Non
         keys = [step.op_truth(step.ops[0]).key for step in t.steps]
         assert all(torch.equal(keys[0][axis], k[axis]) for k in keys[1:3] for axis in ("inner", "out"))
         assert not torch.equal(keys[2]["out"], keys[3]["out"])
-        assert not any(torch.equal(a["row"], b["row"]) for a, b in zip(keys, keys[1:], strict=False))
+        assert not any(torch.equal(a["row"], b["row"]) for a, b in itertools.pairwise(keys))
 
 
 def test_only_the_last_steps_are_kept(tmp_path: Path) -> None:

@@ -85,7 +85,8 @@ def train(
         run(TrainConfig(
             model=model, dataset=dataset, data_dir=data_dir, epochs=epochs, batch_size=batch_size, lr=lr,
             mode=mode, workers=workers, in_process_workers=in_process_workers, scheme=scheme, checks=checks,
-            key_lifetime=key_lifetime, worker_timeout=worker_timeout, seed=seed, out=out, train_subset=train_subset or None,
+            key_lifetime=key_lifetime, worker_timeout=worker_timeout, seed=seed, out=out,
+            train_subset=train_subset or None,
             test_subset=test_subset or None, image_size=image_size or None, normalize=normalize,
             synthetic_shape=parse_shape(synthetic_shape), synthetic_classes=synthetic_classes,
             record=record, record_steps=record_steps, record_until=record_until or None, progress=progress))

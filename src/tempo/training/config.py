@@ -72,8 +72,8 @@ class TrainConfig:
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, Path(getattr(self, name)))
         problems = [f"{name} must be >= {low}, got {getattr(self, name)}"
-                    for name, low in (("epochs", 1), ("batch_size", 1), ("workers", 1), ("checks", 0), ("key_lifetime", 1),
-                                      ("synthetic_classes", 2), ("record_steps", 1))
+                    for name, low in (("epochs", 1), ("batch_size", 1), ("workers", 1), ("checks", 0),
+                                      ("key_lifetime", 1), ("synthetic_classes", 2), ("record_steps", 1))
                     if getattr(self, name) < low]
         problems += [f"{name} must be >= 1 (or unset), got {getattr(self, name)}"
                      for name in ("train_subset", "test_subset", "image_size", "record_until")
