@@ -153,6 +153,19 @@ def test_weights_changed_outside_the_optimizer_are_installed_afresh() -> None:
     assert pool.jobs.count("Install") == 2 * WEIGHTS
 
 
+def test_a_new_or_reloaded_optimizer_state_reaches_the_workers() -> None:
+    """A fresh optimizer (empty momentum) and a reloaded one both replace the workers' optimizer state."""
+    plain, run = Run("sgd").train(range(3)), Run("sgd", InProcessPool(2), key_lifetime=50).train(range(3))
+    saved = [copy.deepcopy(r.opt.state_dict()) for r in (plain, run)]
+    for r in (plain, run):
+        r.opt = OPTIMIZERS["sgd"](r.module.parameters())
+        r.train(range(3, 6))
+    for r, state in zip((plain, run), saved, strict=True):
+        r.opt.load_state_dict(state)
+        r.train(range(6, 9))
+    _assert_same_training(run, plain)
+
+
 def test_checkpoints_and_evaluation_see_plaintext_weights() -> None:
     plain = Run("adamw").train(range(12))
     pool = RecordingPool(InProcessPool(2))

@@ -37,7 +37,7 @@ def _fmt(value: float) -> str:
 
 def _model_section(model: str, runs: list[RecordingResult], out_dir: Path) -> list[str]:
     attacks = list(dict.fromkeys(a for r in runs for a in r.findings))
-    head = ["attack", "measure", *[f"`{r.scheme}`" for r in runs], "random guess"]
+    head = ["attack", "measure", *[f"`{r.setting}`" for r in runs], "random guess"]
     lines = [f"## {model}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for a in attacks:
         first = next(r.findings[a] for r in runs if a in r.findings)
@@ -45,7 +45,7 @@ def _model_section(model: str, runs: list[RecordingResult], out_dir: Path) -> li
         lines.append(f"| {a} | {first.metric} | " + " | ".join(cells) + f" | {_fmt(first.baseline)} |")
     lines += ["", f"![attacks on {model}]({_bar_chart(model, runs, attacks, out_dir)})", ""]
     for r in runs:
-        lines += [f"### {model} / `{r.scheme}` ({r.record}, steps {r.steps[0]}-{r.steps[-1]})", ""]
+        lines += [f"### {model} / `{r.setting}` ({r.record}, steps {r.steps[0]}-{r.steps[-1]})", ""]
         for a, f in r.findings.items():
             lines.append(f"- **{a}**: {_fmt(f.value)} — {f.metric}" + (f" — {f.details['error']}"
                                                                           if "error" in f.details else ""))
@@ -60,7 +60,7 @@ def _bar_chart(model: str, runs: list[RecordingResult], attacks: list[str], out_
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series = [(f"{r.scheme}", [r.findings[a].value if a in r.findings else math.nan for a in attacks])
+    series = [(r.setting, [r.findings[a].value if a in r.findings else math.nan for a in attacks])
               for r in runs]
     series.append(("random guess", [next(r.findings[a].baseline for r in runs if a in r.findings)
                                     for a in attacks]))

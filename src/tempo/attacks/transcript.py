@@ -79,8 +79,13 @@ class Transcript:
         return self.config["scheme"]
 
     @property
+    def key_lifetime(self) -> int:
+        return int(self.config.get("key_lifetime", 1))  # recordings from before key lifetimes: 1
+
+    @property
     def label(self) -> str:
-        return f"{self.config['model']} / {self.scheme}"
+        k = self.key_lifetime
+        return f"{self.config['model']} / {self.scheme}" + (f" (key lifetime {k})" if k > 1 else "")
 
 
 def load(directory: Path) -> Transcript:

@@ -53,7 +53,7 @@ class ResidentWeight:
     generation: int = 0  # bumped by every install and update: which W' a forward used
     pending: Tensor | None = None  # verified dW summed since the last optimizer step (plaintext)
     worker_pending: bool = True  # the worker's dW' sum covers the same backward jobs as `pending`
-    synced_with: int | None = None  # id() of the optimizer whose state the worker's replica holds
+    synced_with: weakref.ref | None = None  # the optimizer whose state the worker's replica holds
     plan: tuple[int, dict, dict[str, Tensor]] | None = None  # (optimizer id, Update entry, tensors)
 
     def param_version(self) -> tuple[int, int]:
@@ -67,7 +67,8 @@ class Residency:
         self.engine, self.lifetime = engine, lifetime
         self._weights = {id(p): ResidentWeight(name, p, i)
                          for i, (name, p) in enumerate(module.named_parameters(), start=1)}
-        ref = weakref.ref(self)
+        self._watched: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
+        self._ref = ref = weakref.ref(self)
         hooks = [register_optimizer_step_pre_hook(lambda opt, *_: _call(ref, "before_step", opt)),
                  register_optimizer_step_post_hook(lambda opt, *_: _call(ref, "after_step", opt))]
         weakref.finalize(self, _remove_hooks, hooks)
@@ -124,6 +125,10 @@ class Residency:
 
     def after_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Send each home worker the updates planned for this step; a failed update loses its weights."""
+        if optimizer not in self._watched:  # its state may be replaced wholesale: then resend it
+            self._watched.add(optimizer)
+            ref = self._ref
+            optimizer.register_load_state_dict_post_hook(lambda opt: _call(ref, "forget_state", opt))
         by_worker: dict[int, list[ResidentWeight]] = {}
         for r, _ in self._stepped(optimizer):
             if r.plan is not None and r.plan[0] == id(optimizer):
@@ -136,7 +141,7 @@ class Residency:
                 self._acknowledge(worker, Update(eng.new_id(), type(optimizer).__name__, entries, tensors),
                                   f"optimizer step of {len(weights)} resident weight(s)")
                 for r in weights:
-                    r.synced_with, r.version, r.generation = id(optimizer), r.param_version(), r.generation + 1
+                    r.synced_with, r.version, r.generation = weakref.ref(optimizer), r.param_version(), r.generation + 1
                 done.add(worker)
         except BaseException:
             for worker, weights in by_worker.items():
@@ -148,6 +153,11 @@ class Residency:
             for weights in by_worker.values():
                 for r in weights:
                     r.plan, r.pending, r.worker_pending = None, None, True
+
+    def forget_state(self, optimizer: torch.optim.Optimizer) -> None:
+        """`optimizer` loaded a state dict: its next step sends each resident weight's state again."""
+        for r, _ in self._stepped(optimizer):
+            r.synced_with = None
 
     def _plan(self, r: ResidentWeight, optimizer: torch.optim.Optimizer, group: dict
               ) -> tuple[dict, dict[str, Tensor]]:
@@ -162,7 +172,7 @@ class Residency:
         entry["scale"] = self._settle(r, grad)
         if entry["scale"] is None:
             tensors[f"grad/{r.weight_id}"] = blind(grad)
-        if r.synced_with != id(optimizer):
+        if r.synced_with is None or r.synced_with() is not optimizer:
             scalars: dict[str, float] = {}
             for key, value in optimizer.state.get(r.param, {}).items():
                 if isinstance(value, Tensor) and value.shape == r.param.shape:
