@@ -177,7 +177,9 @@ def report(results: list[ModelResult], args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--lifetimes", default="1,10,100", help="comma-separated key lifetimes K (default 1,10,100)")
+    ap.add_argument("--lifetimes", default="1,10,100",
+                    help="comma-separated key lifetimes K (default 1,10,100); the first is the reference, and "
+                         "repeating it (1,1,...) adds a control run that differs only in its keys")
     ap.add_argument("--steps", type=int, default=100, help="measured rounds per model, a multiple of every K")
     ap.add_argument("--warmup", type=int, default=2, help="warm-up rounds per model, not measured (default 2)")
     ap.add_argument("--batch-size", type=int, default=32)
@@ -187,9 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads in the enclave and in each worker")
     ap.add_argument("--json", metavar="PATH", help="also write every measurement as JSON")
     args = ap.parse_args(argv)
-    lifetimes = sorted({int(k) for k in args.lifetimes.split(",") if k.strip()})
+    lifetimes = [int(k) for k in args.lifetimes.split(",") if k.strip()]  # a repeated K: a control run
     keys = [m.strip() for m in args.models.split(",") if m.strip()]
-    if not lifetimes or lifetimes[0] < 1:
+    if not lifetimes or min(lifetimes) < 1:
         ap.error("--lifetimes: integers >= 1")
     if args.steps < 1 or args.steps % math.lcm(*lifetimes):
         ap.error(f"--steps must be a positive multiple of every K ({math.lcm(*lifetimes)})")
