@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import os
 import statistics
@@ -57,7 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import tempo
-from step_overhead import MODELS, NUM_CLASSES, make_batches
+from step_overhead import MODELS, NUM_CLASSES, make_batches, write_json
 from tempo.enclave.pools import WorkerPool
 from tempo.training.models import build_model
 
@@ -203,13 +202,9 @@ def main(argv: list[str] | None = None) -> int:
                            optimizer=args.optimizer, lr=args.lr) for k in keys]
     print(report(results, args))
     if args.json:
-        payload = {"args": vars(args), "torch": torch.__version__, "loadavg_end": os.getloadavg(),
-                   "cpus": os.cpu_count(), "command": " ".join(sys.argv),
-                   "results": [{"model": r.model, "input": r.input, "loss_gaps": r.loss_gaps(),
-                                "series": [{**asdict(s), "summary": s.summary()} for s in r.series]}
-                               for r in results]}
-        with open(args.json, "w") as f:
-            json.dump(payload, f, indent=1)
+        write_json(args.json, {"args": vars(args), "results": [
+            {"model": r.model, "input": r.input, "loss_gaps": r.loss_gaps(),
+             "series": [{**asdict(s), "summary": s.summary()} for s in r.series]} for r in results]})
     return 0
 
 

@@ -538,17 +538,21 @@ def main(argv: list[str] | None = None) -> int:
                            profile_steps=args.profile) for k in keys]
     print(report(results, device))
     if args.json:
-        payload = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                   "loadavg_end": os.getloadavg(), "cpus": os.cpu_count(),
-                   "command": " ".join(sys.argv),
-                   "results": [{**asdict(r), "ratios": r.ratios(),
-                                "medians": {k: r.med(k) for k in ("plain_s", "tempo_s", "tempo_worker_s",
-                                                                  "tempo_enclave_s", "enclave_mode_s",
-                                                                  "bytes_sent", "bytes_received")}}
-                               for r in results]}
-        with open(args.json, "w") as f:
-            json.dump(payload, f, indent=1)
+        write_json(args.json, {
+            "device": str(device), "threads": torch.get_num_threads(),
+            "results": [{**asdict(r), "ratios": r.ratios(),
+                         "medians": {k: r.med(k) for k in ("plain_s", "tempo_s", "tempo_worker_s", "tempo_enclave_s",
+                                                           "enclave_mode_s", "bytes_sent", "bytes_received")}}
+                        for r in results]})
     return 0
+
+
+def write_json(path: str, payload: dict) -> None:
+    """`payload` and the run's environment (torch version, load, cores, command line) as JSON at `path`."""
+    env = {"torch": torch.__version__, "loadavg_end": os.getloadavg(), "cpus": os.cpu_count(),
+           "command": " ".join(sys.argv)}
+    with open(path, "w") as f:
+        json.dump({**env, **payload}, f, indent=1)
 
 
 if __name__ == "__main__":
