@@ -88,6 +88,7 @@ class KeyRun:
                  optimizer: str, lr: float):
         self.pool, self.batches, self.series = pool, batches, Series(lifetime)
         self.model = tempo.protect(copy.deepcopy(base), pool, scheme="permute", checks=2, key_lifetime=lifetime,
+                                   offload_anchors=True,
                                    key_seed=None)
         params = self.model.parameters()
         self.opt = (torch.optim.SGD(params, lr=lr, momentum=0.9) if optimizer == "sgd"

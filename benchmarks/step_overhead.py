@@ -268,7 +268,7 @@ def bench_model(key: str, *, steps: int, warmup: int, batch_size: int, device: t
     pool = tempo.local_workers(1, in_process=True, device=str(device))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e.g. in-enclave ops; not what is measured here
-        protected = tempo.protect(copy.deepcopy(base), pool, scheme="permute", checks=2)
+        protected = tempo.protect(copy.deepcopy(base), pool, scheme="permute", checks=2, offload_anchors=True)
     tempo_run = Runner(protected, torch.device("cpu"), batches)
     eng = protected.engine
 

@@ -24,7 +24,11 @@ def workers():
 
 
 def protect_quietly(model: nn.Module, pool, **kwargs) -> tempo.ProtectedModel:
-    """protect() without the loud warnings the insecure 'none' scheme and seeded keys give."""
+    """protect() without the loud warnings the insecure 'none' scheme and seeded keys give.
+
+    Offloads every product, anchors included, unless told otherwise: most tests are about offloading.
+    """
+    kwargs.setdefault("offload_anchors", True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return tempo.protect(model, pool, key_seed=kwargs.pop("key_seed", 1234), **kwargs)
@@ -94,7 +98,8 @@ def recorded(tmp_path_factory):
                 warnings.simplefilter("ignore")
                 train(TrainConfig(model=model, scheme=scheme, workers=1, in_process_workers=True, epochs=1,
                                   train_subset=64 * RECORDED_STEPS, test_subset=500, batch_size=64, lr=0.05,
-                                  record=folder / "record", record_steps=3, out=folder / "run", progress=False),
+                                  record=folder / "record", record_steps=3,
+                                  offload_anchors=True, out=folder / "run", progress=False),
                       log=lambda _: None)
             made[model, scheme] = folder / "record"
         return made[model, scheme]

@@ -12,7 +12,7 @@ from torch import nn
 import tempo
 from conftest import Call, compare_with_plain, protect_quietly
 
-SCHEMES = ["none", "permute"]
+SCHEMES = ["none", "permute", "mix"]
 
 
 def rand(*shape, grad=True):

@@ -53,7 +53,7 @@ def _leaks(received, plaintexts) -> list[str]:
 
 
 @pytest.mark.parametrize("model_name", ["resnet18", "vit_tiny_patch16_224"])
-@pytest.mark.parametrize("scheme", ["permute", "none"])
+@pytest.mark.parametrize("scheme", ["permute", "mix", "none"])
 def test_worker_never_sees_plaintext(model_name, scheme):
     size = 32 if "vit" in model_name else 28
     model = build_model(model_name, num_classes=10, channels=1, image_size=size)

@@ -32,7 +32,8 @@ def _train(pool, steps: int = 3, *, truth: GroundTruth | None = None, scheme: st
     model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        net = tempo.protect(model, pool, scheme=scheme, key_seed=7, truth=truth, key_lifetime=key_lifetime)
+        net = tempo.protect(model, pool, scheme=scheme, key_seed=7, truth=truth, key_lifetime=key_lifetime,
+                            offload_anchors=True)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for i in range(steps):
         x, y = torch.randn(4, 6, generator=torch.Generator().manual_seed(i)), torch.tensor([0, 1, 2, 0])

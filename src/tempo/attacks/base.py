@@ -119,7 +119,8 @@ def trace_sites(model: nn.Module, example: torch.Tensor) -> list[OpSite]:
     params = dict(model.named_parameters())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        protected = protect(model, InProcessPool(1), scheme="none", checks=0, truth=names)  # type: ignore[arg-type]
+        protected = protect(model, InProcessPool(1), scheme="none", checks=0, offload_anchors=True,  # type: ignore[arg-type]
+                            truth=names)
     protected.train()
     with torch.enable_grad():  # attacks may first ask for the sites inside no_grad evaluation
         protected(example).sum().backward()

@@ -99,6 +99,9 @@ def load(directory: Path) -> Transcript:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as e:
         raise DatasetError(f"{config_path} is not valid JSON: {e}") from None
+    if not config.get("offload_anchors", True):  # recordings older than anchors offloaded every product
+        raise ConfigError(f"{directory} was recorded with the first and last products kept in the enclave; the "
+                          "attacks still assume every product was offloaded: record with --offload-anchors")
     ops = _read_view(directory / "view")
     truths = _read_truth(directory / "truth")
     steps = []

@@ -40,6 +40,10 @@ def train(
     scheme: Annotated[str, typer.Option(help="Blinding scheme: permute, or none (INSECURE).")] = _DEFAULTS.scheme,
     checks: Annotated[int, typer.Option(min=0, help="Freivalds checks per product (0 disables).")
                       ] = _DEFAULTS.checks,
+    offload_anchors: Annotated[bool, typer.Option(
+        "--offload-anchors", help="Also offload the first product (it sees the raw inputs) and the last (its "
+                                  "output gradient carries the labels); by default they run in the enclave.")
+                               ] = False,
     key_lifetime: Annotated[int, typer.Option(
         min=1, help="Training steps each weight keeps its key. 1: fresh keys for every product. K > 1: each "
                     "worker keeps its blinded weights and repeats the optimizer step on them, which saves "
@@ -85,8 +89,8 @@ def train(
         run(TrainConfig(
             model=model, dataset=dataset, data_dir=data_dir, epochs=epochs, batch_size=batch_size, lr=lr,
             mode=mode, workers=workers, in_process_workers=in_process_workers, scheme=scheme, checks=checks,
-            key_lifetime=key_lifetime, worker_timeout=worker_timeout, seed=seed, out=out,
-            train_subset=train_subset or None,
-            test_subset=test_subset or None, image_size=image_size or None, normalize=normalize,
+            key_lifetime=key_lifetime, offload_anchors=offload_anchors, worker_timeout=worker_timeout, seed=seed,
+            out=out, train_subset=train_subset or None, test_subset=test_subset or None,
+            image_size=image_size or None, normalize=normalize,
             synthetic_shape=parse_shape(synthetic_shape), synthetic_classes=synthetic_classes,
             record=record, record_steps=record_steps, record_until=record_until or None, progress=progress))

@@ -37,9 +37,13 @@ class _OffloadedProduct(torch.autograd.Function):
 def offload(engine: Engine, kind: ProductKind, x: Tensor, w: Tensor, *, name: str | None = None) -> Tensor:
     """``kind.forward(x, w)`` computed by a worker on blinded operands, differentiable in x and w.
 
-    Under no_grad (or when neither operand needs a gradient) the worker keeps nothing.
+    Under no_grad (or when neither operand needs a gradient) the worker keeps nothing. An anchor
+    (the model's first or last product, see :mod:`tempo.enclave.anchors`) is computed here instead.
     """
-    op = OffloadedOp(engine, kind, name or engine.op_name(kind.name))
+    name = name or engine.op_name(kind.name)
+    if engine.anchors.keeps(name):
+        return kind.forward(x, w)
+    op = OffloadedOp(engine, kind, name)
     track = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
     if not track:
         return op.forward(x, w, keep_x=False, keep_w=False)

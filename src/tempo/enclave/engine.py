@@ -20,6 +20,7 @@ from ..errors import ConfigError, UnsupportedModelError
 from ..products import OpShapes, Product, ProductKind
 from ..schemes import Scheme, get_scheme
 from . import ops  # noqa: F401  (registers the op handlers)
+from .anchors import Anchors
 from .integrity import verify
 from .intercept import OffloadMode, warn_once
 from .keys import KeyStream
@@ -38,8 +39,9 @@ class Engine:
     """Per-run enclave state shared by every offloaded op of one protected model."""
 
     def __init__(self, pool: WorkerPool, scheme: Scheme, *, checks: int, rng: KeyStream,
-                 truth: GroundTruth | None = None):
+                 anchors: Anchors | None = None, truth: GroundTruth | None = None):
         self.pool, self.scheme, self.checks, self.rng = pool, scheme, checks, rng
+        self.anchors = anchors or Anchors(offload=True)
         self.truth = truth
         self.residency: Residency | None = None  # key lifetime K > 1: resident weights (set by protect)
         self.stats = OffloadStats()
@@ -96,8 +98,14 @@ class ProtectedModel(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.training and torch.is_grad_enabled():
             self.engine.step += 1
-        with OffloadMode(self.engine):
-            return self.module(*args, **kwargs)
+        completed = False
+        try:
+            with OffloadMode(self.engine):
+                out = self.module(*args, **kwargs)
+            completed = True
+            return out
+        finally:
+            self.engine.anchors.end_forward(completed)
 
 
 def validate_model(model: nn.Module) -> list[str]:
@@ -107,8 +115,8 @@ def validate_model(model: nn.Module) -> list[str]:
 
 
 def protect(model: nn.Module, workers: WorkerPool, *, scheme: str | Scheme = "permute", checks: int = 2,
-            strict: bool = False, key_lifetime: int = 1, key_seed: int | None = None,
-            truth: GroundTruth | None = None) -> ProtectedModel:
+            strict: bool = False, offload_anchors: bool = False, key_lifetime: int = 1,
+            key_seed: int | None = None, truth: GroundTruth | None = None) -> ProtectedModel:
     """Wrap `model` so every linear, convolution and attention product runs blinded on `workers`.
 
     Args:
@@ -117,6 +125,9 @@ def protect(model: nn.Module, workers: WorkerPool, *, scheme: str | Scheme = "pe
         scheme: blinding scheme name (``"permute"``; ``"none"`` is the insecure reference).
         checks: Freivalds vectors per product (t); a wrong result slips through with prob <= 2^-t.
         strict: refuse layers that cannot be offloaded instead of running them in the enclave.
+        offload_anchors: also offload the model's first product (it sees the raw inputs) and last
+            product (its output gradient carries the labels). By default they run in the enclave,
+            learned from the first forward, which runs wholly in the enclave.
         key_lifetime: training steps each weight keeps its key (K). 1: fresh keys for every product.
             K > 1: W' stays resident on a worker, which repeats each SGD/Adam/AdamW step on it in
             blinded form: less traffic, but a worker sees one weight under one key for K steps.
@@ -141,7 +152,8 @@ def protect(model: nn.Module, workers: WorkerPool, *, scheme: str | Scheme = "pe
         raise UnsupportedModelError(offenders)
     for o in offenders:
         warnings.warn(f"tempo: {o} cannot be offloaded and runs inside the enclave", stacklevel=2)
-    engine = Engine(workers, blinding, checks=checks, rng=KeyStream(key_seed), truth=truth)
+    engine = Engine(workers, blinding, checks=checks, rng=KeyStream(key_seed), anchors=Anchors(offload_anchors),
+                    truth=truth)
     if key_lifetime > 1:
         engine.residency = Residency(engine, key_lifetime, model)
     return ProtectedModel(model, engine)

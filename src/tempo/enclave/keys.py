@@ -41,6 +41,17 @@ class KeyStream:
         keys = np.frombuffer(self.bytes(8 * n), dtype=np.uint64)
         return torch.from_numpy(np.argsort(keys, kind="stable").astype(np.int64))
 
+    def uniform(self, shape: Sequence[int]) -> Tensor:
+        """Independent uniform [0, 1) entries (float64, 53 random bits each)."""
+        n = int(np.prod(shape))
+        bits = np.frombuffer(self.bytes(8 * n), dtype=np.uint64) >> np.uint64(11)
+        return torch.from_numpy(bits.astype(np.float64) * 2.0**-53).reshape(tuple(shape))
+
+    def normal(self, shape: Sequence[int]) -> Tensor:
+        """Independent standard normal entries (float64; Box-Muller on two uniform streams)."""
+        u1, u2 = 1.0 - self.uniform(shape), self.uniform(shape)  # u1 in (0, 1]: log is finite
+        return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2 * torch.pi * u2)
+
     def signs(self, shape: Sequence[int]) -> Tensor:
         """Independent uniform ±1 entries (float32)."""
         n = int(np.prod(shape))

@@ -4,9 +4,11 @@ An :class:`OffloadedOp` is one invocation of one op. Its forward draws a fresh k
 W, and sends them to a worker, which keeps what the backward will need. Its backward blinds only
 dY (same key), and the worker answers dX' and dW' from what it kept. Every reply is treated as
 hostile: job id, names, dtype and shape are checked first, then each product is verified with
-Freivalds checks in plaintext space (unblinding a permutation is exact, so this is the same test
-as on the blinded product, and the enclave keeps no blinded copies). A result that fails is
-never returned. With a key lifetime K > 1 a parameter's W' is resident on its home worker
+Freivalds checks. Under an exact scheme (a permutation) they run in plaintext space: the same
+test as on the blinded product, and the enclave keeps no blinded copies. Under a scheme whose
+unblinding rounds (``Scheme.exact`` false, e.g. ``mix``) the blinded result itself is checked
+against the blinded operands, which the enclave then keeps until the backward, as the worker
+does. A result that fails is never returned. With a key lifetime K > 1 a parameter's W' is resident on its home worker
 (:mod:`tempo.enclave.residency`): the op then sends only X', under the weight's held inner key.
 """
 
@@ -55,6 +57,7 @@ class OffloadedOp:
         self.keep_x = self.keep_w = False
         self.resident: ResidentWeight | None = None
         self._generation = 0  # the resident W' this invocation's forward used
+        self._blinded: tuple[Tensor | None, Tensor | None] = (None, None)  # X', W' kept to check the backward
         self._finalizer: weakref.finalize | None = None
 
     def forward(self, x: Tensor, w: Tensor, *, keep_x: bool, keep_w: bool) -> Tensor:
@@ -76,10 +79,10 @@ class OffloadedOp:
 
     def _submit_forward(self, x: Tensor, w: Tensor) -> Tensor:
         eng, layouts = self.engine, self.kind.layouts()
+        xb = eng.scheme.blind(x.detach(), layouts.x, Operand.X, self.key)
+        wb = None if self.resident else eng.scheme.blind(w.detach(), layouts.w, Operand.W, self.key)
         job = ForwardJob(
-            job_id=eng.new_id(), handle=self.handle, kind=self.kind.name, params=self.kind.params(),
-            x=eng.scheme.blind(x.detach(), layouts.x, Operand.X, self.key),
-            w=None if self.resident else eng.scheme.blind(w.detach(), layouts.w, Operand.W, self.key),
+            job_id=eng.new_id(), handle=self.handle, kind=self.kind.name, params=self.kind.params(), x=xb, w=wb,
             keep_x=self.keep_x, keep_w=self.keep_w, release=eng.take_releases(self.worker),
             weight=self.resident.weight_id if self.resident else 0)
         if eng.truth is not None and (self.keep_x or self.keep_w):  # training traffic only, as recorded
@@ -87,9 +90,13 @@ class OffloadedOp:
         if self.keep_x or self.keep_w:  # if the backward never comes, tell the worker to drop what it kept
             self._finalizer = weakref.finalize(self, eng.release, self.worker, self.handle)
         (y,) = self._call(job, "forward", {"y": (self.shapes.y, x.dtype)})
-        y = eng.scheme.unblind(y, layouts.y, Operand.Y, self.key)
-        self._verify(Product.FORWARD, x, w, y)
-        return y
+        if eng.scheme.exact:
+            y = eng.scheme.unblind(y, layouts.y, Operand.Y, self.key)
+            self._verify(Product.FORWARD, x, w, y)
+            return y
+        self._verify(Product.FORWARD, xb, wb, y)
+        self._blinded = (xb if self.keep_x else None, wb if self.keep_w else None)
+        return eng.scheme.unblind(y, layouts.y, Operand.Y, self.key)
 
     def backward(self, dy: Tensor, x: Tensor, w: Tensor, *, need_dx: bool, need_dw: bool
                  ) -> tuple[Tensor | None, Tensor | None]:
@@ -119,16 +126,26 @@ class OffloadedOp:
         if need_dw:
             expect["dw"] = (self.shapes.w, x.dtype)
         results = dict(zip(expect, self._call(job, "backward", expect), strict=True))
-        dx = dw = None
-        if need_dx:
-            dx = eng.scheme.unblind(results["dx"], layouts.x, Operand.DX, self.key)
-            self._verify(Product.GRAD_INPUT, dy, w, dx)
-        if need_dw:
-            dw = eng.scheme.unblind(results["dw"], layouts.w, Operand.DW, self.key)
-            self._verify(Product.GRAD_WEIGHT, x, dy, dw)
-            if self.resident is not None:
-                eng.residency.accumulate(self.resident, dw)
+        if eng.scheme.exact:  # unblinding is exact: check in plaintext space, keep no blinded copies
+            results = self._unblind_grads(results)
+            operands = {"dx": (dy, w), "dw": (x, dy)}
+        else:  # check what the worker computed, then unblind
+            (xb, wb), self._blinded = self._blinded, (None, None)
+            operands = {"dx": (job.dy, wb), "dw": (xb, job.dy)}
+        for name, product in (("dx", Product.GRAD_INPUT), ("dw", Product.GRAD_WEIGHT)):
+            if name in results:
+                self._verify(product, *operands[name], results[name])
+        if not eng.scheme.exact:
+            results = self._unblind_grads(results)
+        dx, dw = results.get("dx"), results.get("dw")
+        if dw is not None and self.resident is not None:
+            eng.residency.accumulate(self.resident, dw)
         return dx, dw
+
+    def _unblind_grads(self, results: dict[str, Tensor]) -> dict[str, Tensor]:
+        layouts = self.kind.layouts()
+        where = {"dx": (layouts.x, Operand.DX), "dw": (layouts.w, Operand.DW)}
+        return {name: self.engine.scheme.unblind(t, *where[name], self.key) for name, t in results.items()}
 
     # -- hostile-reply handling ------------------------------------------------------------------
     def _call(self, job: Job, label: str, expect: dict[str, tuple[torch.Size, torch.dtype]]

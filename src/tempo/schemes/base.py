@@ -25,6 +25,10 @@ class RandomSource(Protocol):
 
     def signs(self, shape: Sequence[int]) -> Tensor: ...
 
+    def uniform(self, shape: Sequence[int]) -> Tensor: ...
+
+    def normal(self, shape: Sequence[int]) -> Tensor: ...
+
 
 class Operand(str, enum.Enum):
     """Which tensor of the product is being (un)blinded; schemes with non-orthogonal keys need it."""
@@ -44,6 +48,10 @@ class Scheme(ABC):
     # Whether an element-wise optimizer step on a blinded weight, with its blinded gradient, is the
     # blinded step (true for permutations): what a key lifetime K > 1 needs.
     updates_commute: ClassVar[bool] = False
+    # Whether unblinding is exact (a permutation): then results are checked in plaintext space and
+    # the enclave keeps no blinded copies. Otherwise unblinding adds rounding that the plaintext
+    # check cannot tell from a lie, so the blinded result is checked before unblinding.
+    exact: ClassVar[bool] = True
 
     @abstractmethod
     def new_key(self, shape: KeyShape, rng: RandomSource) -> Any:

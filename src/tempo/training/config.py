@@ -46,6 +46,7 @@ class TrainConfig:
     in_process_workers: bool = False
     scheme: str = "permute"
     checks: int = 2
+    offload_anchors: bool = False  # also offload the first and last products (inputs and labels)
     key_lifetime: int = 1  # training steps a weight keeps its key (K > 1: resident, updated by its worker)
     worker_timeout: float = 600.0
     seed: int = 0
