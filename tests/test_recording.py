@@ -14,7 +14,7 @@ import tempo
 from tempo.attacks.transcript import load
 from tempo.enclave.pools import InProcessPool
 from tempo.enclave.truth import GroundTruth
-from tempo.errors import DatasetError, ProtocolError
+from tempo.errors import ConfigError, DatasetError, ProtocolError
 from tempo.testing.recording import RecordingPool
 from tempo.training.config import TrainConfig
 from tempo.wire import transcript
@@ -143,6 +143,12 @@ def test_loading_bad_recordings(tmp_path: Path) -> None:
         load(tmp_path / "missing")
     (tmp_path / "config.json").write_text('{"scheme": "none"}')
     with pytest.raises(DatasetError, match="no worker transcripts"):
+        load(tmp_path)
+    (tmp_path / "config.json").write_text('{"scheme": "mix"}')
+    with pytest.raises(ConfigError, match="scheme 'mix'; the attacks are scored against permutation keys"):
+        load(tmp_path)
+    (tmp_path / "config.json").write_text('{"scheme": "permute", "offload_anchors": false}')
+    with pytest.raises(ConfigError, match="record with --offload-anchors"):
         load(tmp_path)
 
 

@@ -21,6 +21,8 @@ from ..errors import ConfigError, DatasetError, ProtocolError
 from ..wire import transcript
 from ..wire.messages import BackwardJob, ForwardJob, Result
 
+SCORED_SCHEMES = ("none", "permute")  # schemes whose keys map each blinded unit to one plaintext unit
+
 
 @dataclass
 class OpView:
@@ -99,6 +101,9 @@ def load(directory: Path) -> Transcript:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as e:
         raise DatasetError(f"{config_path} is not valid JSON: {e}") from None
+    if config.get("scheme") not in SCORED_SCHEMES:
+        raise ConfigError(f"{directory} was recorded under scheme {config.get('scheme')!r}; the attacks are scored "
+                          f"against permutation keys ({', '.join(SCORED_SCHEMES)}) and have no scoring for it yet")
     if not config.get("offload_anchors", True):  # recordings older than anchors offloaded every product
         raise ConfigError(f"{directory} was recorded with the first and last products kept in the enclave; the "
                           "attacks still assume every product was offloaded: record with --offload-anchors")
