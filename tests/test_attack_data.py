@@ -109,3 +109,32 @@ def test_permute_numbers_are_finite_and_in_range(finetune, recorded, tmp_path):
     assert 0 <= link.value <= 1 and 0 < link.baseline < 1
     assert -1 <= recovered.baseline <= recovered.value <= 1 and math.isfinite(recovered.details["psnr_db"])
     assert -1 <= tuned.value <= 1
+
+
+def test_ica_separates_independent_features_mixed_by_a_mix_key():
+    """The attack `mix` must face: one key M shared by thousands of rows of independent non-Gaussian features."""
+    import warnings
+
+    from tempo.attacks.separation import _random_orthogonal, fastica, recovered, whiten
+    from tempo.enclave.keys import KeyStream
+    from tempo.schemes.mix import AxisMix
+
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(8000, 24, dtype=torch.float64, generator=generator).relu()  # like post-ReLU channels
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the seeded key stream warns
+        key = AxisMix(24, 1, torch.zeros(1, dtype=torch.long), KeyStream(5))
+    mixed = key.apply(features, 1, inverse=False, transpose=False)
+    z = whiten(mixed)
+    assert recovered(mixed, features)[0] == 0.0  # the mixed features themselves match no true one
+    assert recovered(z @ _random_orthogonal(24, generator).T, features)[0] == 0.0
+    assert recovered(z @ fastica(z, generator).T, features)[0] == 1.0
+
+
+def test_separation_against_permute_finds_the_features_as_they_are(recorded, tmp_path):
+    from tempo.attacks import separation
+
+    finding = separation.run(context(recorded("small_cnn", "permute"), tmp_path))
+    assert finding.details["method"] == "as sent"
+    assert finding.value >= 0.9 and finding.baseline < 0.2
+    assert all(0 <= op["ica"] <= 1 and op["features"] >= 2 for op in finding.details["ops"].values())

@@ -144,9 +144,6 @@ def test_loading_bad_recordings(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text('{"scheme": "none"}')
     with pytest.raises(DatasetError, match="no worker transcripts"):
         load(tmp_path)
-    (tmp_path / "config.json").write_text('{"scheme": "mix"}')
-    with pytest.raises(ConfigError, match="scheme 'mix'; the attacks are scored against permutation keys"):
-        load(tmp_path)
     (tmp_path / "config.json").write_text('{"scheme": "permute", "offload_anchors": false}')
     with pytest.raises(ConfigError, match="record with --offload-anchors"):
         load(tmp_path)

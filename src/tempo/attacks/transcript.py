@@ -21,8 +21,6 @@ from ..errors import ConfigError, DatasetError, ProtocolError
 from ..wire import transcript
 from ..wire.messages import BackwardJob, ForwardJob, Result
 
-SCORED_SCHEMES = ("none", "permute")  # schemes whose keys map each blinded unit to one plaintext unit
-
 
 @dataclass
 class OpView:
@@ -66,8 +64,17 @@ class Step:
 
     def key(self, op: OpView, role: str, n: int) -> Tensor:
         """SCORING ONLY: blinded index i along `role` (size n) holds plain index key[i]; identity where
-        the scheme leaves the axis alone (everywhere for `none`)."""
-        return self.op_truth(op).key.get(role, torch.arange(n))
+        the scheme leaves the axis alone (everywhere for `none`).
+
+        Under a mixing scheme (`mix`: the truth holds the dense matrix K, blinded = plain @ K along the
+        axis) blinded unit i is a mixture of every plain unit: it is scored as its dominant one,
+        argmax_j |K[j, i]|, so an attack that links or aligns mixtures is right only where it finds
+        the same dominant unit, and chance stays 1/n.
+        """
+        key = self.op_truth(op).key.get(role)
+        if key is None:
+            return torch.arange(n)
+        return key.abs().argmax(0) if key.is_floating_point() else key
 
 
 @dataclass
@@ -101,9 +108,6 @@ def load(directory: Path) -> Transcript:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as e:
         raise DatasetError(f"{config_path} is not valid JSON: {e}") from None
-    if config.get("scheme") not in SCORED_SCHEMES:
-        raise ConfigError(f"{directory} was recorded under scheme {config.get('scheme')!r}; the attacks are scored "
-                          f"against permutation keys ({', '.join(SCORED_SCHEMES)}) and have no scoring for it yet")
     if not config.get("offload_anchors", True):  # recordings older than anchors offloaded every product
         raise ConfigError(f"{directory} was recorded with the first and last products kept in the enclave; the "
                           "attacks still assume every product was offloaded: record with --offload-anchors")
