@@ -118,6 +118,5 @@ def run(ctx: AttackContext) -> Finding:
         raise ValueError("no op of the chosen step has an inner axis of 2 or more features")
     mean = sum(v["recovered"] for v in ops.values()) / len(ops)
     baseline = sum(v["random_unmixing"] for v in ops.values()) / len(ops)
-    method = "ICA" if unmixes else "as sent"
-    return Finding(NAME, f"fraction of each op's input features recovered (|corr| >= {RECOVERED}; {method})", mean,
-                   baseline, {"method": method, "ops": ops})
+    return Finding(NAME, f"fraction of each op's input features recovered (|corr| >= {RECOVERED})", mean, baseline,
+                   {"method": "ICA" if unmixes else "as sent", "ops": ops})
