@@ -138,3 +138,11 @@ def test_separation_against_permute_finds_the_features_as_they_are(recorded, tmp
     assert finding.details["method"] == "as sent"
     assert finding.value >= 0.9 and finding.baseline < 0.2
     assert all(0 <= op["ica"] <= 1 and op["features"] >= 2 for op in finding.details["ops"].values())
+
+
+def test_samples_are_followed_from_one_convolution_to_the_next(recorded, tmp_path):
+    from tempo.attacks import samples
+
+    finding = samples.run(context(recorded("small_cnn", "permute"), tmp_path))
+    assert finding.value >= 0.5 and finding.baseline == pytest.approx(1 / 64)  # 0.8 after 40 steps, 1.0 after 200
+    assert list(finding.details["pairs"]) == ["0 -> 3"]
