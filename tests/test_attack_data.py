@@ -146,3 +146,13 @@ def test_samples_are_followed_from_one_convolution_to_the_next(recorded, tmp_pat
     finding = samples.run(context(recorded("small_cnn", "permute"), tmp_path))
     assert finding.value >= 0.5 and finding.baseline == pytest.approx(1 / 64)  # 0.8 after 40 steps, 1.0 after 200
     assert list(finding.details["pairs"]) == ["0 -> 3"]
+
+
+def test_inputs_are_rebuilt_from_the_second_convolution(recorded, tmp_path):
+    """Even with the first product in the enclave, the second convolution's energy maps keep the images' layout."""
+    from tempo.attacks import spatial_inputs
+
+    finding = spatial_inputs.run(context(recorded("small_cnn", "permute"), tmp_path))
+    assert finding.value > finding.baseline + 0.05
+    (figure,) = finding.figures.values()
+    assert (tmp_path / figure).is_file() and figure.startswith("figures/spatial_inputs_")

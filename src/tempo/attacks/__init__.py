@@ -8,4 +8,5 @@ Each attack is one module with ``NAME`` and ``run(ctx) -> Finding``.
 from __future__ import annotations
 
 # In report order: what a thief gets first, then the mechanisms that give it to them.
-ATTACKS = ("direct_use", "finetune", "linking", "alignment", "weights", "inputs", "separation", "samples")
+ATTACKS = ("direct_use", "finetune", "linking", "alignment", "weights", "inputs", "spatial_inputs", "separation",
+           "samples")

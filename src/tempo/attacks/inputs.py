@@ -134,10 +134,10 @@ def psnr(a: Tensor, b: Tensor, data_range: float) -> Tensor:
     return 10 * torch.log10(data_range**2 / mse.clamp_min(floor))
 
 
-def _figure(ctx: AttackContext, truth: Tensor, recovered: Tensor) -> str:
+def figure(ctx: AttackContext, truth: Tensor, recovered: Tensor, attack: str = NAME) -> str:
     """A grid: true inputs on top, their recoveries below; the path relative to the report."""
     label = re.sub(r"[^A-Za-z0-9_.-]+", "-", ctx.transcript.label).strip("-")
-    name = f"inputs_{label}.png"
+    name = f"{attack}_{label}.png"
     n = min(_FIGURE_IMAGES, len(truth))
     grid = torch.cat([truth[:n], recovered[:n]])
     if grid.shape[1] not in (1, 3):
@@ -162,4 +162,4 @@ def run(ctx: AttackContext) -> Finding:
                "ssim_min": float(value.min()), "psnr_cap_db": _PSNR_CAP, "aux_images": len(aux),
                "baseline_guess": "the mean of the attacker's public images, for every input"}
     return Finding(NAME, "mean SSIM of the recovered training inputs", float(value.mean()), float(baseline.mean()),
-                   details, {"true (top) vs recovered (bottom) inputs": _figure(ctx, truth, recovered)})
+                   details, {"true (top) vs recovered (bottom) inputs": figure(ctx, truth, recovered)})
