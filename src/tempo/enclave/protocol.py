@@ -8,7 +8,9 @@ Freivalds checks. Under an exact scheme (a permutation) they run in plaintext sp
 test as on the blinded product, and the enclave keeps no blinded copies. Under a scheme whose
 unblinding rounds (``Scheme.exact`` false, e.g. ``mix``) the blinded result itself is checked
 against the blinded operands, which the enclave then keeps until the backward, as the worker
-does. A result that fails is never returned. With a key lifetime K > 1 a parameter's W' is resident on its home worker
+does. A result that fails is never returned.
+
+With a key lifetime K > 1 a parameter's W' is resident on its home worker
 (:mod:`tempo.enclave.residency`): the op then sends only X', under the weight's held inner key.
 """
 
