@@ -18,6 +18,7 @@ Usage::
 
     python benchmarks/scheme_cost.py --threads 1                    # resnet18, resnet50, vit_tiny
     python benchmarks/scheme_cost.py --models resnet50 --schemes permute,mix --steps 5
+    python benchmarks/scheme_cost.py --models resnet18 --schemes permute,mix,mix+unfold   # convolutions unfolded
 """
 
 from __future__ import annotations
@@ -61,12 +62,13 @@ def bench(key: str, schemes: list[str], *, steps: int, warmup: int, batch_size: 
     runs: dict[str, tuple[Runner, object | None]] = {"enclave": (Runner(copy.deepcopy(base), torch.device("cpu"),
                                                                         batches), None)}
     pools = []
-    for scheme in schemes:
+    for label in schemes:
+        scheme, _, unfold = label.partition("+")
         pools.append(pool := tempo.local_workers(1, in_process=True))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            net = tempo.protect(copy.deepcopy(base), pool, scheme=scheme, checks=2)
-        runs[scheme] = (Runner(net, torch.device("cpu"), batches), net.engine)
+            net = tempo.protect(copy.deepcopy(base), pool, scheme=scheme, checks=2, unfold_convs=unfold == "unfold")
+        runs[label] = (Runner(net, torch.device("cpu"), batches), net.engine)
     out = {label: Timings() for label in runs}
     labels = list(runs)
     for rnd in range(warmup + steps):
@@ -104,7 +106,8 @@ def report(key: str, timings: dict[str, Timings], batch_size: int) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default=",".join(MODELS))
-    ap.add_argument("--schemes", default="permute,mix")
+    ap.add_argument("--schemes", default="permute,mix",
+                    help="comma-separated; SCHEME+unfold runs SCHEME with unfold_convs=True")
     ap.add_argument("--steps", type=int, default=5, help="measured rounds per model")
     ap.add_argument("--warmup", type=int, default=2, help="warm-up rounds (the first learns the anchors)")
     ap.add_argument("--batch-size", type=int, default=32)

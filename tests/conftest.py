@@ -54,10 +54,10 @@ class Call(nn.Module):
 
 
 def compare_with_plain(module: nn.Module, inputs: list[torch.Tensor], pool, *, scheme: str = "permute",
-                       rtol: float = 1e-5, checks: int = 2) -> tempo.ProtectedModel:
+                       rtol: float = 1e-5, checks: int = 2, **options) -> tempo.ProtectedModel:
     """Forward and backward through `module` protected and plain; outputs and all grads must agree."""
     plain = copy.deepcopy(module)
-    protected = protect_quietly(module, pool, scheme=scheme, checks=checks)
+    protected = protect_quietly(module, pool, scheme=scheme, checks=checks, **options)
     ins_p = [i.detach().clone().requires_grad_(i.requires_grad) for i in inputs]
     ins_t = [i.detach().clone().requires_grad_(i.requires_grad) for i in inputs]
     torch.manual_seed(1)  # same dropout masks in both runs

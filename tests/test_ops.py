@@ -11,6 +11,7 @@ from torch import nn
 
 import tempo
 from conftest import Call, compare_with_plain, protect_quietly
+from tempo.testing import RecordingPool
 
 SCHEMES = ["none", "permute", "mix"]
 
@@ -53,6 +54,20 @@ def test_conv2d(workers, scheme, cfg, batch):
     cfg = dict(cfg)
     conv = nn.Conv2d(cfg.pop("cin"), cfg.pop("cout"), cfg.pop("k"), **cfg)
     compare_with_plain(conv, [rand(batch, conv.in_channels, 9, 11)], workers, scheme=scheme)
+
+
+@pytest.mark.parametrize("scheme", ["permute", "mix"])
+@pytest.mark.parametrize("cfg", CONVS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_conv2d_unfolded(scheme, cfg):
+    """unfold_convs: the same results, from a batched product whose rows are samples and positions."""
+    cfg = dict(cfg)
+    conv = nn.Conv2d(cfg.pop("cin"), cfg.pop("cout"), cfg.pop("k"), **cfg)
+    pool = RecordingPool(tempo.local_workers(1, in_process=True))
+    compare_with_plain(conv, [rand(2, conv.in_channels, 9, 11)], pool, scheme=scheme, unfold_convs=True)
+    x_sent = next(t for field, t in pool.received if field == "x")
+    kernel = conv.kernel_size[0] * conv.kernel_size[1]
+    assert x_sent.dim() == 3 and x_sent.shape[0] == conv.groups  # [groups, samples x positions, patch]
+    assert x_sent.shape[2] == kernel * conv.in_channels // conv.groups
 
 
 def test_conv2d_channels_last_and_unbatched(workers):

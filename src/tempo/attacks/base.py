@@ -81,7 +81,8 @@ class AttackContext:
     @functools.cached_property
     def sites(self) -> list[OpSite]:
         """The architecture's training ops in forward order, matched one to one with each step's ops."""
-        sites = trace_sites(self.new_model(), self.data.train[0][0].unsqueeze(0).expand(2, -1, -1, -1))
+        sites = trace_sites(self.new_model(), self.data.train[0][0].unsqueeze(0).expand(2, -1, -1, -1),
+                            unfold_convs=self.config.unfold_convs)
         step = self.transcript.steps[0]
         kinds = [op.kind for op in step.ops]
         if kinds != [s.kind for s in sites]:
@@ -101,8 +102,9 @@ class AttackContext:
         return path
 
 
-def trace_sites(model: nn.Module, example: torch.Tensor) -> list[OpSite]:
-    """Run `model` once under a recording engine with no blinding to list its ops (public structure)."""
+def trace_sites(model: nn.Module, example: torch.Tensor, *, unfold_convs: bool = False) -> list[OpSite]:
+    """Run `model` once under a recording engine with no blinding to list its ops (public structure),
+    offloaded as the recording's run offloaded them."""
     import warnings
 
     from ..enclave.engine import protect
@@ -120,7 +122,7 @@ def trace_sites(model: nn.Module, example: torch.Tensor) -> list[OpSite]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         protected = protect(model, InProcessPool(1), scheme="none", checks=0, offload_anchors=True,  # type: ignore[arg-type]
-                            truth=names)
+                            unfold_convs=unfold_convs, truth=names)
     protected.train()
     with torch.enable_grad():  # attacks may first ask for the sites inside no_grad evaluation
         protected(example).sum().backward()

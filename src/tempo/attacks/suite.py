@@ -24,11 +24,13 @@ class RecordingResult:
     steps: list[int]  # the recorded training steps the attacks saw
     findings: dict[str, Finding] = field(default_factory=dict)
     key_lifetime: int = 1  # training steps each weight kept its key in the recorded run
+    unfold_convs: bool = False  # convolutions were offloaded unfolded (positions shuffled with the rows)
 
     @property
     def setting(self) -> str:
-        """The scheme, and the key lifetime when weights kept their keys for more than one step."""
-        return self.scheme if self.key_lifetime == 1 else f"{self.scheme}, K={self.key_lifetime}"
+        """The scheme, with the options that change what a worker sees."""
+        return ", ".join([self.scheme] + (["unfolded"] if self.unfold_convs else [])
+                         + ([f"K={self.key_lifetime}"] if self.key_lifetime > 1 else []))
 
     def as_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -57,7 +59,8 @@ def run_suite(records: Sequence[Path], out_dir: Path, *, attacks: Sequence[str] 
         ctx = AttackContext(transcript, out_dir, seed=seed, test_size=test_size, aux_size=aux_size,
                             options=options)
         result = RecordingResult(str(record), transcript.config["model"], transcript.scheme,
-                                 [s.step for s in transcript.steps], key_lifetime=transcript.key_lifetime)
+                                 [s.step for s in transcript.steps], key_lifetime=transcript.key_lifetime,
+                                 unfold_convs=bool(transcript.config.get("unfold_convs", False)))
         log(f"{transcript.label}: {len(transcript.steps)} recorded step(s) from {record}")
         for name in names:
             start = time.perf_counter()

@@ -45,6 +45,9 @@ def train(
         "--offload-anchors", help="Also offload the first product (it sees the raw inputs) and the last (its "
                                   "output gradient carries the labels); by default they run in the enclave.")
                                ] = False,
+    unfold_convs: Annotated[bool, typer.Option(
+        "--unfold-convs", help="Offload convolutions unfolded (im2col): the row key then shuffles spatial positions "
+                               "too, which channel keys leave in place; X' grows by the kernel area.")] = False,
     key_lifetime: Annotated[int, typer.Option(
         min=1, help="Training steps each weight keeps its key. 1: fresh keys for every product. K > 1: each "
                     "worker keeps its blinded weights and repeats the optimizer step on them, which saves "
@@ -90,8 +93,8 @@ def train(
         run(TrainConfig(
             model=model, dataset=dataset, data_dir=data_dir, epochs=epochs, batch_size=batch_size, lr=lr,
             mode=mode, workers=workers, in_process_workers=in_process_workers, scheme=scheme, checks=checks,
-            key_lifetime=key_lifetime, offload_anchors=offload_anchors, worker_timeout=worker_timeout, seed=seed,
-            out=out, train_subset=train_subset or None, test_subset=test_subset or None,
-            image_size=image_size or None, normalize=normalize,
+            key_lifetime=key_lifetime, offload_anchors=offload_anchors, unfold_convs=unfold_convs,
+            worker_timeout=worker_timeout, seed=seed, out=out, train_subset=train_subset or None,
+            test_subset=test_subset or None, image_size=image_size or None, normalize=normalize,
             synthetic_shape=parse_shape(synthetic_shape), synthetic_classes=synthetic_classes,
             record=record, record_steps=record_steps, record_until=record_until or None, progress=progress))

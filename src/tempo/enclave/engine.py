@@ -42,6 +42,7 @@ class Engine:
                  anchors: Anchors | None = None, truth: GroundTruth | None = None):
         self.pool, self.scheme, self.checks, self.rng = pool, scheme, checks, rng
         self.anchors = anchors or Anchors(offload=True)
+        self.unfold_convs = False  # offload convolutions as unfolded products (positions blinded too)
         self.truth = truth
         self.residency: Residency | None = None  # key lifetime K > 1: resident weights (set by protect)
         self.stats = OffloadStats()
@@ -115,7 +116,7 @@ def validate_model(model: nn.Module) -> list[str]:
 
 
 def protect(model: nn.Module, workers: WorkerPool, *, scheme: str | Scheme = "permute", checks: int = 2,
-            strict: bool = False, offload_anchors: bool = False, key_lifetime: int = 1,
+            strict: bool = False, offload_anchors: bool = False, unfold_convs: bool = False, key_lifetime: int = 1,
             key_seed: int | None = None, truth: GroundTruth | None = None) -> ProtectedModel:
     """Wrap `model` so every linear, convolution and attention product runs blinded on `workers`.
 
@@ -128,6 +129,9 @@ def protect(model: nn.Module, workers: WorkerPool, *, scheme: str | Scheme = "pe
         offload_anchors: also offload the model's first product (it sees the raw inputs) and last
             product (its output gradient carries the labels). By default they run in the enclave,
             learned from the first forward, which runs wholly in the enclave.
+        unfold_convs: offload convolutions unfolded (im2col), so that the row key shuffles spatial
+            positions as well as samples; X' grows by the kernel area, and unfolded weights are not
+            kept resident (key_lifetime).
         key_lifetime: training steps each weight keeps its key (K). 1: fresh keys for every product.
             K > 1: W' stays resident on a worker, which repeats each SGD/Adam/AdamW step on it in
             blinded form: less traffic, but a worker sees one weight under one key for K steps.
@@ -154,6 +158,7 @@ def protect(model: nn.Module, workers: WorkerPool, *, scheme: str | Scheme = "pe
         warnings.warn(f"tempo: {o} cannot be offloaded and runs inside the enclave", stacklevel=2)
     engine = Engine(workers, blinding, checks=checks, rng=KeyStream(key_seed), anchors=Anchors(offload_anchors),
                     truth=truth)
+    engine.unfold_convs = unfold_convs
     if key_lifetime > 1:
         engine.residency = Residency(engine, key_lifetime, model)
     return ProtectedModel(model, engine)

@@ -47,6 +47,7 @@ class TrainConfig:
     scheme: str = "permute"
     checks: int = 2
     offload_anchors: bool = False  # also offload the first and last products (inputs and labels)
+    unfold_convs: bool = False  # offload convolutions unfolded (im2col): positions blinded with the rows
     key_lifetime: int = 1  # training steps a weight keeps its key (K > 1: resident, updated by its worker)
     worker_timeout: float = 600.0
     seed: int = 0

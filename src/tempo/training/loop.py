@@ -62,6 +62,7 @@ def _placement(config: TrainConfig, model: nn.Module) -> Iterator[tuple[nn.Modul
                                  record_steps=config.record_steps, record_until=config.record_until) as pool:
             protected = tempo.protect(model, pool, scheme=config.scheme, checks=config.checks,
                                       key_lifetime=config.key_lifetime, offload_anchors=config.offload_anchors,
+                                      unfold_convs=config.unfold_convs,
                                       truth=truth)
             yield protected, torch.device("cpu"), lambda: (pool.stats.bytes_sent, pool.stats.bytes_received)
         if truth is not None:
