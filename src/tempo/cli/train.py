@@ -47,7 +47,7 @@ def train(
                                ] = False,
     unfold_convs: Annotated[bool, typer.Option(
         "--unfold-convs", help="Offload convolutions unfolded (im2col): the row key then shuffles spatial positions "
-                               "too, which channel keys leave in place; X' grows by the kernel area.")] = False,
+                               "too, which channel keys leave in place; X' grows k²/stride²-fold.")] = False,
     key_lifetime: Annotated[int, typer.Option(
         min=1, help="Training steps each weight keeps its key. 1: fresh keys for every product. K > 1: each "
                     "worker keeps its blinded weights and repeats the optimizer step on them, which saves "

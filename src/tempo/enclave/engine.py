@@ -130,7 +130,7 @@ def protect(model: nn.Module, workers: WorkerPool, *, scheme: str | Scheme = "pe
             product (its output gradient carries the labels). By default they run in the enclave,
             learned from the first forward, which runs wholly in the enclave.
         unfold_convs: offload convolutions unfolded (im2col), so that the row key shuffles spatial
-            positions as well as samples; X' grows by the kernel area, and unfolded weights are not
+            positions as well as samples; X' grows k²/stride²-fold, and unfolded weights are not
             kept resident (key_lifetime).
         key_lifetime: training steps each weight keeps its key (K). 1: fresh keys for every product.
             K > 1: W' stays resident on a worker, which repeats each SGD/Adam/AdamW step on it in

@@ -3,7 +3,7 @@
 By default the worker runs a convolution, so spatial positions reach it in place (keys act on
 channels and samples). With ``protect(..., unfold_convs=True)`` the enclave unfolds the input
 (im2col) and offloads a batched product whose rows are every sample *and position*, each group a
-batch entry: the row key then shuffles positions too, at kernel-area times the bytes for X'. The
+batch entry: the row key then shuffles positions too, at k²/stride² times the bytes for X'. The
 enclave folds the gradient back (autograd through ``F.unfold``).
 """
 
