@@ -37,3 +37,15 @@ def test_attack_command_writes_the_report(recorded, tmp_path: Path) -> None:
                "--test-size", "200", "--aux-size", "50")
     assert r.returncode == 0, r.stderr
     assert "linking" in r.stdout and (tmp_path / "report.md").is_file()
+
+
+def test_an_attack_with_nothing_to_work_on_is_reported_not_applicable(recorded, tmp_path: Path) -> None:
+    """A ViT has one convolution: the spatial attacks say so ("n/a" and why), instead of failing or guessing."""
+    results = run_suite([recorded("small_vit", "permute")], tmp_path, attacks=["spatial_inputs", "samples"],
+                        test_size=200, aux_size=50, log=lambda _: None)
+    for f in results[0].findings.values():
+        assert math.isnan(f.value) and "convolution" in f.details["not_applicable"]
+    _, md_path = write_report(results, tmp_path)
+    table = md_path.read_text()
+    assert "| spatial_inputs | not applicable | n/a | n/a |" in table
+    assert "n/a — no two consecutive convolutions" in table

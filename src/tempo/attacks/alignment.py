@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
-from .base import AttackContext, Finding
+from .base import AttackContext, Finding, NotApplicable
 from .transcript import OpView, Step
 
 NAME = "alignment"
@@ -319,6 +319,8 @@ def _slots(step: Step, pair: PairAlignment) -> int:
 
 
 def run(ctx: AttackContext) -> Finding:
+    if ctx.config.unfold_convs:
+        raise NotApplicable("the links are modelled between convolutions, not between unfolded convolutions")
     step = chosen_step(ctx)
     details: dict = {"step": step.step, "pairs": {}}
     right = total = chance = 0.0

@@ -35,6 +35,10 @@ class Finding:
     figures: dict[str, str] = field(default_factory=dict)  # caption -> image path relative to the report
 
 
+class NotApplicable(ValueError):
+    """The recording offers the attack nothing to work on (say, no convolution): reported as n/a, not as failed."""
+
+
 @dataclass(frozen=True)
 class OpSite:
     """Where an op of the public architecture sits: its name, kind and weight parameter (if any)."""

@@ -23,7 +23,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 from torchvision.utils import save_image
 
-from .base import AttackContext, Finding
+from .base import AttackContext, Finding, NotApplicable
 from .transcript import OpView
 
 NAME = "inputs"
@@ -99,7 +99,7 @@ def recover(op: OpView, aux: Tensor) -> Tensor:
         out = torch.empty_like(x)
         out[:, pixel] = x
         return out.reshape(-1, *aux.shape[1:])
-    raise ValueError(f"input recovery needs a conv2d on the images or a linear layer on their flattened pixels; "
+    raise NotApplicable(f"input recovery needs a conv2d on the images or a linear layer on their flattened pixels; "
                      f"the first op is {op.kind} on {tuple(x.shape)} (images are {tuple(aux.shape[1:])})")
 
 

@@ -12,6 +12,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
+from .base import Finding
 from .suite import RecordingResult
 
 
@@ -31,7 +32,9 @@ def write_report(results: list[RecordingResult], out_dir: Path) -> tuple[Path, P
     return json_path, md_path
 
 
-def _fmt(value: float) -> str:
+def _fmt(value: float, finding: Finding | None = None) -> str:
+    if finding is not None and "not_applicable" in finding.details:
+        return "n/a"
     return "failed" if math.isnan(value) else f"{value:.3f}"
 
 
@@ -40,15 +43,19 @@ def _model_section(model: str, runs: list[RecordingResult], out_dir: Path) -> li
     head = ["attack", "measure", *[f"`{r.setting}`" for r in runs], "random guess"]
     lines = [f"## {model}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for a in attacks:
-        first = next(r.findings[a] for r in runs if a in r.findings)
-        cells = [_fmt(r.findings[a].value) if a in r.findings else "-" for r in runs]
-        lines.append(f"| {a} | {first.metric} | " + " | ".join(cells) + f" | {_fmt(first.baseline)} |")
+        found = [r.findings[a] for r in runs if a in r.findings]
+        first = next((f for f in found if not math.isnan(f.value)), found[0])  # the measure's name and baseline
+        cells = [_fmt(r.findings[a].value, r.findings[a]) if a in r.findings else "-" for r in runs]
+        lines.append(f"| {a} | {first.metric} | " + " | ".join(cells) + f" | {_fmt(first.baseline, first)} |")
     lines += ["", f"![attacks on {model}]({_bar_chart(model, runs, attacks, out_dir)})", ""]
     for r in runs:
         lines += [f"### {model} / `{r.setting}` ({r.record}, steps {r.steps[0]}-{r.steps[-1]})", ""]
         for a, f in r.findings.items():
-            lines.append(f"- **{a}**: {_fmt(f.value)} — {f.metric}" + (f" — {f.details['error']}"
-                                                                          if "error" in f.details else ""))
+            if "not_applicable" in f.details:
+                lines.append(f"- **{a}**: n/a — {f.details['not_applicable']}")
+            else:
+                lines.append(f"- **{a}**: {_fmt(f.value)} — {f.metric}" + (f" — {f.details['error']}"
+                                                                              if "error" in f.details else ""))
             lines += [f"  ![{caption}]({path})" for caption, path in f.figures.items()]
         lines.append("")
     return lines

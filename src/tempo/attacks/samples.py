@@ -22,7 +22,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from .alignment import chosen_step
-from .base import AttackContext, Finding
+from .base import AttackContext, Finding, NotApplicable
 
 NAME = "samples"
 
@@ -61,7 +61,7 @@ def run(ctx: AttackContext) -> Finding:
         linked = float((truth_a == truth_b[match]).double().mean())
         pairs[f"{step.op_truth(a).name} -> {step.op_truth(b).name}"] = {"linked": linked, "batch": batch}
     if not pairs:
-        raise ValueError("no two consecutive convolutions: no spatial fingerprint to link samples by")
+        raise NotApplicable("no two consecutive convolutions: no spatial fingerprint to link samples by")
     mean = sum(p["linked"] for p in pairs.values()) / len(pairs)
     baseline = sum(1 / p["batch"] for p in pairs.values()) / len(pairs)
     return Finding(NAME, "fraction of samples linked from an op's output rows to the next op's input rows", mean,

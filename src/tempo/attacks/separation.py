@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..schemes import SCHEMES
 from .alignment import chosen_step
-from .base import AttackContext, Finding
+from .base import AttackContext, Finding, NotApplicable
 from .transcript import OpView, Step
 
 NAME = "separation"
@@ -115,7 +115,7 @@ def run(ctx: AttackContext) -> Finding:
             "recovered": ica if unmixes else as_sent, "ica": ica, "ica_mean_abs_corr": ica_corr, "as_sent": as_sent,
             "random_unmixing": chance, "features": rows.shape[1], "rows": len(rows)}
     if not ops:
-        raise ValueError("no op of the chosen step has an inner axis of 2 or more features")
+        raise NotApplicable("no op of the chosen step has an inner axis of 2 or more features")
     mean = sum(v["recovered"] for v in ops.values()) / len(ops)
     baseline = sum(v["random_unmixing"] for v in ops.values()) / len(ops)
     return Finding(NAME, f"fraction of each op's input features recovered (|corr| >= {RECOVERED})", mean, baseline,

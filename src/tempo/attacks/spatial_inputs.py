@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from .alignment import chosen_step
-from .base import AttackContext, Finding
+from .base import AttackContext, Finding, NotApplicable
 from .inputs import figure, ssim
 
 NAME = "spatial_inputs"
@@ -52,7 +52,7 @@ def run(ctx: AttackContext) -> Finding:
     step = chosen_step(ctx)
     ops = step.ops
     if len(ops) < 2 or ops[0].kind != "conv2d" or ops[1].kind != "conv2d":
-        raise ValueError("needs a convolution on the images followed by a second convolution")
+        raise NotApplicable("needs a convolution on the images followed by a second convolution")
     aux, _ = ctx.aux()
     model = ctx.new_model().train()
     probe = _SecondConvInput()

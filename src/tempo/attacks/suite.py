@@ -12,7 +12,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from . import ATTACKS
-from .base import AttackContext, Finding
+from .base import AttackContext, Finding, NotApplicable
 from .transcript import load
 
 
@@ -76,5 +76,7 @@ def _run_one(name: str, ctx: AttackContext) -> Finding:
     module = importlib.import_module(f"{__package__}.{name}")
     try:
         return module.run(ctx)
+    except NotApplicable as e:
+        return Finding(name, "not applicable", math.nan, math.nan, {"not_applicable": str(e)})
     except (ValueError, RuntimeError, NotImplementedError) as e:
         return Finding(name, "failed", math.nan, math.nan, {"error": f"{type(e).__name__}: {e}"})
