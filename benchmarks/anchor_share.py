@@ -15,17 +15,19 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
+import sys
 import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/ is not a package
 
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import tempo
+from scheme_cost import MODELS
 from tempo.training.models import build_model
-
-MODELS = {"resnet50": ("resnet50", 3, 32), "vit_tiny": ("timm:vit_tiny_patch16_224", 3, 32),
-          "resnet18": ("resnet18", 1, 28)}
 
 
 def anchor_share(key: str, batch: int) -> tuple[tuple[str, str], float, float]:

@@ -27,16 +27,21 @@ from .base import AttackContext, Finding, NotApplicable
 NAME = "samples"
 
 
-def _standard(t: Tensor) -> Tensor:
-    t = t - t.mean(1, keepdim=True)
-    return t / t.norm(dim=1, keepdim=True).clamp_min(1e-300)
+def energy_map(x: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+    """[B, C, H, W] -> each sample's norm over channels at every position (pooled to `size` if given),
+    flattened and standardised per sample: [B, positions]. Channel keys leave it in place."""
+    e = x.double().pow(2).sum(1, keepdim=True).sqrt()
+    if size is not None:
+        e = F.adaptive_avg_pool2d(e, size)
+    e = e.flatten(1)
+    e = e - e.mean(1, keepdim=True)
+    return e / e.norm(dim=1, keepdim=True).clamp_min(1e-300)
 
 
 def energy_maps(out: Tensor, nxt: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-sample energy maps of a convolution's output [B, C, H, W] and the next one's input, on one grid."""
+    """Energy maps of a convolution's output and the next one's input, on the smaller grid of the two."""
     size = (min(out.shape[2], nxt.shape[2]), min(out.shape[3], nxt.shape[3]))
-    maps = [F.adaptive_avg_pool2d(t.double().pow(2).sum(1, keepdim=True).sqrt(), size).flatten(1) for t in (out, nxt)]
-    return _standard(maps[0]), _standard(maps[1])
+    return energy_map(out, size), energy_map(nxt, size)
 
 
 def link(out: Tensor, nxt: Tensor) -> Tensor:

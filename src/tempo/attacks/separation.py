@@ -26,6 +26,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from ..schemes import SCHEMES
+from ..schemes.mix import haar_orthogonal
 from .alignment import chosen_step
 from .base import AttackContext, Finding, NotApplicable
 from .transcript import OpView, Step
@@ -51,8 +52,7 @@ def whiten(rows: Tensor) -> Tensor:
 
 
 def _random_orthogonal(k: int, generator: torch.Generator) -> Tensor:
-    q, r = torch.linalg.qr(torch.randn(k, k, dtype=torch.float64, generator=generator))
-    return q * torch.sign(torch.diagonal(r)).unsqueeze(0)
+    return haar_orthogonal(torch.randn(k, k, dtype=torch.float64, generator=generator))
 
 
 def fastica(z: Tensor, generator: torch.Generator, iterations: int = _ITERATIONS, tol: float = 1e-6) -> Tensor:

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from .alignment import chosen_step
 from .base import AttackContext, Finding, NotApplicable
 from .inputs import figure, ssim
+from .samples import energy_map
 
 NAME = "spatial_inputs"
 _RIDGE = 1e-2  # relative to the mean feature energy
@@ -41,13 +41,6 @@ class _SecondConvInput(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def energy_maps(x: Tensor) -> Tensor:
-    """[B, C, H, W] -> per-sample standardised energy maps [B, H*W]."""
-    e = x.double().pow(2).sum(1).sqrt().flatten(1)
-    e = e - e.mean(1, keepdim=True)
-    return e / e.norm(dim=1, keepdim=True).clamp_min(1e-300)
-
-
 def run(ctx: AttackContext) -> Finding:
     step = chosen_step(ctx)
     ops = step.ops
@@ -60,12 +53,12 @@ def run(ctx: AttackContext) -> Finding:
         model(aux)
     if probe.captured is None or probe.captured.shape[1:] != ops[1].x.shape[1:]:
         raise ValueError("the public model's second convolution does not match the recorded one")
-    features = torch.cat([energy_maps(probe.captured), torch.ones(len(aux), 1, dtype=torch.float64)], 1)
+    features = torch.cat([energy_map(probe.captured), torch.ones(len(aux), 1, dtype=torch.float64)], 1)
     pixels = aux.double().flatten(1)
     gram = features.T @ features
     ridge = _RIDGE * float(gram.diagonal().mean()) * torch.eye(len(gram), dtype=torch.float64)
     decoder = torch.linalg.solve(gram + ridge, features.T @ pixels)
-    seen = torch.cat([energy_maps(ops[1].x), torch.ones(len(ops[1].x), 1, dtype=torch.float64)], 1)
+    seen = torch.cat([energy_map(ops[1].x), torch.ones(len(ops[1].x), 1, dtype=torch.float64)], 1)
     recovered = (seen @ decoder).reshape(-1, *aux.shape[1:])
     # scoring only: the true images in the order the worker saw the second op's rows
     truth = step.truth.inputs[step.key(ops[1], "row", len(step.truth.inputs))].double()

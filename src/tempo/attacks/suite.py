@@ -59,8 +59,8 @@ def run_suite(records: Sequence[Path], out_dir: Path, *, attacks: Sequence[str] 
         ctx = AttackContext(transcript, out_dir, seed=seed, test_size=test_size, aux_size=aux_size,
                             options=options)
         result = RecordingResult(str(record), transcript.config["model"], transcript.scheme,
-                                 [s.step for s in transcript.steps], key_lifetime=transcript.key_lifetime,
-                                 unfold_convs=bool(transcript.config.get("unfold_convs", False)))
+                                 [s.step for s in transcript.steps], key_lifetime=ctx.config.key_lifetime,
+                                 unfold_convs=ctx.config.unfold_convs)
         log(f"{transcript.label}: {len(transcript.steps)} recorded step(s) from {record}")
         for name in names:
             start = time.perf_counter()

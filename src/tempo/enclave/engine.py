@@ -39,10 +39,10 @@ class Engine:
     """Per-run enclave state shared by every offloaded op of one protected model."""
 
     def __init__(self, pool: WorkerPool, scheme: Scheme, *, checks: int, rng: KeyStream,
-                 anchors: Anchors | None = None, truth: GroundTruth | None = None):
+                 anchors: Anchors | None = None, unfold_convs: bool = False, truth: GroundTruth | None = None):
         self.pool, self.scheme, self.checks, self.rng = pool, scheme, checks, rng
         self.anchors = anchors or Anchors(offload=True)
-        self.unfold_convs = False  # offload convolutions as unfolded products (positions blinded too)
+        self.unfold_convs = unfold_convs  # offload convolutions as unfolded products (positions blinded too)
         self.truth = truth
         self.residency: Residency | None = None  # key lifetime K > 1: resident weights (set by protect)
         self.stats = OffloadStats()
@@ -157,8 +157,7 @@ def protect(model: nn.Module, workers: WorkerPool, *, scheme: str | Scheme = "pe
     for o in offenders:
         warnings.warn(f"tempo: {o} cannot be offloaded and runs inside the enclave", stacklevel=2)
     engine = Engine(workers, blinding, checks=checks, rng=KeyStream(key_seed), anchors=Anchors(offload_anchors),
-                    truth=truth)
-    engine.unfold_convs = unfold_convs
+                    unfold_convs=unfold_convs, truth=truth)
     if key_lifetime > 1:
         engine.residency = Residency(engine, key_lifetime, model)
     return ProtectedModel(model, engine)

@@ -15,7 +15,7 @@ from pathlib import Path
 from types import TracebackType
 
 from ..errors import ConfigError, WorkerLostError, WorkerTimeoutError
-from ..wire.messages import Job, Reply, Shutdown
+from ..wire.messages import Job, Reply, Shutdown, message_tensors
 from ..wire.transport import SocketTransport, TrafficStats
 from ..worker.core import WorkerCore
 from ..worker.recorder import RecordingCore
@@ -25,9 +25,7 @@ DEFAULT_TIMEOUT_S = 600.0
 
 def tensor_bytes(msg: Job | Reply) -> int:
     """Payload bytes of a message's tensors (what an in-process 'wire' would carry)."""
-    tensors = list(getattr(msg, "tensors", {}).values())
-    tensors += [t for n in ("x", "w", "dy") if (t := getattr(msg, n, None)) is not None]
-    return sum(t.numel() * t.element_size() for t in tensors)
+    return sum(t.numel() * t.element_size() for _, t in message_tensors(msg))
 
 
 class WorkerPool(ABC):

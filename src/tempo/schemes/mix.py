@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ..products import KeyShape, Layout, Role
 from .base import Operand, RandomSource, Scheme
-from .permute import permute_axes
+from .permute import inverse_permutation, permute_axes
 
 ROUNDS = 2
 BLOCK = 32
@@ -49,20 +49,15 @@ _VARIANTS: dict[tuple[Operand, Role], tuple[bool, bool]] = {
 }
 
 
-def _inverse(p: Tensor) -> Tensor:
-    inv = torch.empty_like(p)
-    inv[p] = torch.arange(p.numel())
-    return inv
-
-
 def _within_groups(groups: int, per_group: int, rng: RandomSource) -> Tensor:
     """A random permutation of range(groups * per_group) that keeps every index in its group."""
     return torch.cat([g * per_group + rng.permutation(per_group) for g in range(groups)])
 
 
-def _orthogonal(count: int, size: int, rng: RandomSource) -> Tensor:
-    """`count` random orthogonal size x size matrices (QR of Gaussians, signs fixed: Haar-distributed)."""
-    q, r = torch.linalg.qr(rng.normal((count, size, size)))
+def haar_orthogonal(gaussian: Tensor) -> Tensor:
+    """Random orthogonal matrices from i.i.d. standard normal ones [..., n, n]: QR with the signs of R's
+    diagonal fixed, which makes them Haar-distributed."""
+    q, r = torch.linalg.qr(gaussian)
     return q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
 
 
@@ -103,9 +98,9 @@ class AxisMix:
         self.stages = []
         for _ in range(ROUNDS):
             magnitude = SPREAD ** (2 * rng.uniform((n,)) - 1)
-            blocks = [_orthogonal(groups * full, b, rng).view(groups, full, b, b)]
+            blocks = [haar_orthogonal(rng.normal((groups * full, b, b))).view(groups, full, b, b)]
             if rest:
-                blocks.append(_orthogonal(groups, rest, rng).view(groups, 1, rest, rest))
+                blocks.append(haar_orthogonal(rng.normal((groups, rest, rest))).view(groups, 1, rest, rest))
             self.stages.append(_Stage(_within_groups(groups, per_group, rng), rng.signs((n,)).double() * magnitude,
                                       blocks))
         self.final = _within_groups(groups, per_group, rng)
@@ -115,7 +110,7 @@ class AxisMix:
 
     def _inv(self, name: str, p: Tensor) -> Tensor:
         if name not in self._inverse:
-            self._inverse[name] = _inverse(p)
+            self._inverse[name] = inverse_permutation(p)
         return self._inverse[name]
 
     def apply(self, t: Tensor, dim: int, *, inverse: bool, transpose: bool, group_order: bool = True) -> Tensor:
@@ -202,7 +197,7 @@ class Mix(Scheme):
 
     @staticmethod
     def _rows(t: Tensor, layout: Layout, key: MixKey, *, inverse: bool) -> Tensor:
-        perms = [None if role not in key.perms else _inverse(key.perms[role]) if inverse else key.perms[role]
+        perms = [None if role not in key.perms else inverse_permutation(key.perms[role]) if inverse else key.perms[role]
                  for role in layout]
         return permute_axes(t, perms) if any(p is not None for p in perms) else t
 

@@ -39,11 +39,15 @@ class PermutationKey:
         """The inverse permutation of `role`'s, computed once per key."""
         inv = self._inverses.get(role)
         if inv is None:
-            p = self.perms[role]
-            inv = torch.empty_like(p)
-            inv[p] = torch.arange(p.numel(), device=p.device)
-            self._inverses[role] = inv
+            inv = self._inverses[role] = inverse_permutation(self.perms[role])
         return inv
+
+
+def inverse_permutation(p: Tensor) -> Tensor:
+    """q with q[p[i]] = i."""
+    inv = torch.empty_like(p)
+    inv[p] = torch.arange(p.numel(), device=p.device)
+    return inv
 
 
 def _grouped_perm(group_order: Tensor, per_group: int, rng: RandomSource) -> Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..enclave.pools import WorkerPool
-from ..wire.messages import Job, Reply
+from ..wire.messages import Job, Reply, message_tensors
 
 
 class RecordingPool(WorkerPool):
@@ -26,13 +26,10 @@ class RecordingPool(WorkerPool):
         return self.inner.name(index)
 
     def call(self, index: int, job: Job) -> Reply:
-        for field in ("x", "w", "dy"):
-            if (t := getattr(job, field, None)) is not None:
-                self.received.append((field, t.clone()))
-        self.received += [(k, v.clone()) for k, v in getattr(job, "tensors", {}).items()]
+        self.received += [(field, t.clone()) for field, t in message_tensors(job)]
         self.jobs.append(type(job).__name__)
         reply = self.inner.call(index, job)
-        self.returned += [(k, v.clone()) for k, v in getattr(reply, "tensors", {}).items()]
+        self.returned += [(field, t.clone()) for field, t in message_tensors(reply)]
         self.stats = self.inner.stats
         return reply
 

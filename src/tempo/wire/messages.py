@@ -91,6 +91,12 @@ class Shutdown:
     pass
 
 
+def message_tensors(msg: object) -> list[tuple[str, Tensor]]:
+    """Every tensor a message carries, by field name (operands first, then named result/update tensors)."""
+    out = [(name, t) for name in ("x", "w", "dy") if (t := getattr(msg, name, None)) is not None]
+    return out + list(getattr(msg, "tensors", {}).items())
+
+
 Job = ForwardJob | BackwardJob | Install | Update
 Reply = Result | Failure
 Message = ForwardJob | BackwardJob | Install | Update | Result | Failure | Shutdown

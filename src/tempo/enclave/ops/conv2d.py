@@ -36,28 +36,20 @@ def conv2d(engine, input: Tensor, weight: Tensor, bias: Tensor | None = None, st
         padding = 0
     elif padding == "same":
         x, padding = _same_padding(x, weight, dilation)
-    if engine.unfold_convs:
-        y = _unfolded(engine, x, weight, stride, padding, dilation, groups)
-    else:
-        y = offload(engine, Conv2d(stride=stride, padding=padding, dilation=dilation, groups=groups), x, weight)
+    kind = Conv2d(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    y = _unfolded(engine, kind, x, weight) if engine.unfold_convs else offload(engine, kind, x, weight)
     if bias is not None:
         y = y + bias.view(1, -1, 1, 1)
     return y.squeeze(0) if unbatched else y
 
 
-def _unfolded(engine, x: Tensor, weight: Tensor, stride, padding, dilation: tuple[int, int], groups: int) -> Tensor:
+def _unfolded(engine, kind: Conv2d, x: Tensor, weight: Tensor) -> Tensor:
     """The convolution as a batched product over groups: [groups, samples x positions, patch] @ [groups, patch, out]."""
-    batch, out_channels, kernel = x.shape[0], weight.shape[0], weight.shape[2:]
-    cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # [B, C k k, L]
-    positions = cols.shape[2]
+    batch, out_channels, groups = x.shape[0], weight.shape[0], kind.groups
+    cols = F.unfold(x, weight.shape[2:], dilation=kind.dilation, padding=kind.padding, stride=kind.stride)
+    positions = cols.shape[2]  # cols: [B, C k k, positions]
     rows = cols.view(batch, groups, -1, positions).permute(1, 0, 3, 2).reshape(groups, batch * positions, -1)
     w = weight.reshape(groups, out_channels // groups, -1).transpose(1, 2)  # [groups, patch, out per group]
     y = offload(engine, BatchedMatmul(), rows, w, name=engine.op_name("conv2d"))  # [groups, B L, out per group]
     y = y.view(groups, batch, positions, -1).permute(1, 0, 3, 2).reshape(batch, out_channels, positions)
-    size = [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in
-            zip(x.shape[2:], _pair(padding), dilation, kernel, _pair(stride), strict=True)]
-    return y.view(batch, out_channels, *size)
-
-
-def _pair(v) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else tuple(v)
+    return y.view(kind.output_shape(x.shape, weight.shape))
