@@ -156,3 +156,64 @@ def test_inputs_are_rebuilt_from_the_second_convolution(recorded, tmp_path):
     assert finding.value > finding.baseline + 0.05
     (figure,) = finding.figures.values()
     assert (tmp_path / figure).is_file() and figure.startswith("figures/spatial_inputs_")
+
+
+def test_gram_links_samples_across_a_relu_and_a_flatten(recorded, tmp_path):
+    from tempo.attacks import gram
+
+    finding = gram.run(context(recorded("small_cnn", "none"), tmp_path))
+    assert finding.value >= 0.5 and finding.baseline == pytest.approx(1 / 64)
+    assert set(finding.details["pairs"]) == {"0 -> 3", "3 -> 7", "7 -> 9"}
+
+
+def _mix_key(n: int, seed: int):
+    import warnings
+
+    from tempo.enclave.keys import KeyStream
+    from tempo.schemes.mix import AxisMix
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the seeded key stream warns
+        return AxisMix(n, 1, torch.zeros(1, dtype=torch.long), KeyStream(seed))
+
+
+@pytest.mark.parametrize("rank", [4, 64])
+def test_a_mix_key_hides_the_rows_gram_matrix_only_when_many_directions_matter(rank):
+    """Calibration of `gram` against `mix` itself: rows of ReLU features, then the next op's input under a
+    fresh row permutation and a fresh dense key on 256 columns. With a few dominant directions (as in real
+    activations) the rows' angles survive the key and the rows link; with 64 equal ones the key bends
+    them past recognition, although the same rows link perfectly unkeyed."""
+    from tempo.attacks import gram
+
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(200, rank, dtype=torch.float64, generator=generator) @ torch.randn(
+        rank, 256, dtype=torch.float64, generator=generator) / rank ** 0.5 + 1
+    rows = torch.randperm(200, generator=generator)
+    out = _mix_key(256, 1).apply(features, 1, inverse=False, transpose=False)
+    nxt = _mix_key(256, 2).apply(features.relu()[rows], 1, inverse=False, transpose=False)
+
+    def linked(match: torch.Tensor) -> float:
+        return float((rows[match] == torch.arange(200)).double().mean())  # chance: 0.005
+
+    assert linked(gram.link(features, features.relu()[rows])) >= 0.9
+    assert linked(gram.link(out, nxt)) >= 0.8 if rank == 4 else linked(gram.link(out, nxt)) <= 0.05
+
+
+@pytest.mark.parametrize("reused", [True, False])
+def test_linking_follows_mixed_units_only_while_the_key_is_reused(reused):
+    """Calibration of `linking` on a weakened `mix`: with the same key on both steps, W' drifts as slowly as
+    W and the units link; with a fresh key per step (the real `mix`) they link at chance."""
+    from tempo.attacks.linking import link, signatures
+
+    generator = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 64, dtype=torch.float64, generator=generator)
+    after = w + 1e-3 * torch.randn(48, 64, dtype=torch.float64, generator=generator)  # one optimizer step
+
+    def blind(weight: torch.Tensor, seed: int) -> torch.Tensor:  # a dense key on each axis of [OUT, INNER]
+        out, inner = _mix_key(48, seed), _mix_key(64, seed + 100)
+        return inner.apply(out.apply(weight, 0, inverse=False, transpose=False), 1, inverse=True, transpose=True)
+
+    before_blind, after_blind = blind(w, 1), blind(after, 1 if reused else 2)
+    match, _ = link(signatures(before_blind, 0), signatures(after_blind, 0))
+    linked = float((torch.as_tensor(match) == torch.arange(48)).double().mean())
+    assert linked == 1.0 if reused else linked <= 0.1

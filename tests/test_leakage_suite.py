@@ -49,3 +49,29 @@ def test_an_attack_with_nothing_to_work_on_is_reported_not_applicable(recorded, 
     table = md_path.read_text()
     assert "| spatial_inputs | not applicable | n/a | n/a |" in table
     assert "n/a — no two consecutive convolutions" in table
+
+
+def test_the_anchors_inside_view_withholds_the_first_and_last_product(recorded, tmp_path: Path) -> None:
+    """The default configuration's traffic, cut from an offloaded recording: attacks on the anchors say n/a,
+    the model attacks keep the enclave's layers at a fresh init, and the report labels the column."""
+    record = recorded("small_cnn", "permute")
+    r = invoke("attack", str(record), "--out", str(tmp_path), "--view", "offloaded", "--view", "anchors-inside",
+               "--only", "inputs", "--only", "samples", "--only", "linking", "--only", "direct_use",
+               "--test-size", "200", "--aux-size", "50")
+    assert r.returncode == 0, r.stderr
+    offloaded, inside = json.loads((tmp_path / "report.json").read_text())
+    assert (offloaded["view"], inside["view"]) == ("offloaded", "anchors-inside")
+    for name in ("inputs", "samples"):
+        assert math.isfinite(offloaded["findings"][name]["value"])
+        assert "not_applicable" in inside["findings"][name]["details"], name
+    assert "inside the enclave" in inside["findings"]["inputs"]["details"]["not_applicable"]
+    assert set(offloaded["findings"]["linking"]["details"]["layers"]) == {"0", "3", "7", "9"}
+    assert set(inside["findings"]["linking"]["details"]["layers"]) == {"3", "7"}
+    left = inside["findings"]["direct_use"]["details"]["left_at_fresh_init"]
+    assert {"0.weight", "9.weight"} <= set(left)
+    assert "`permute, anchors inside`" in (tmp_path / "report.md").read_text()
+
+
+def test_an_unknown_view_is_refused(recorded, tmp_path: Path) -> None:
+    r = invoke("attack", str(recorded("small_cnn", "permute")), "--out", str(tmp_path), "--view", "enclave")
+    assert r.returncode != 0 and "unknown view" in r.stderr and "anchors-inside" in r.stderr

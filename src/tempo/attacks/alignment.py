@@ -87,14 +87,17 @@ def links(ctx: AttackContext) -> list[Link]:
     """One Link per consecutive op pair, from the public architecture and the ops' shapes."""
     model, ops, sites = ctx.new_model(), chosen_step(ctx).ops, ctx.sites
     out = []
+    images = ctx.config.batch_size  # public: every worker sees the batch
     for i in range(len(sites) - 1):
         kinds = [s.kind for s in sites[i:i + 4]]
-        if kinds == ["linear", "bmm", "bmm", "linear"]:
-            out.append(_attention_link(i, ops))
+        if ops[i].inside or ops[i + 1].inside:
+            out.append(Link(i, i + 1, skipped="one of the two ops ran inside the enclave"))
+        elif kinds == ["linear", "bmm", "bmm", "linear"]:
+            out.append(_attention_link(i, ops, images))
         elif kinds[:3] == ["bmm", "bmm", "linear"]:
             out.append(Link(i, i + 1, skipped="softmax over the token axis: not a per-unit map"))
         elif kinds[:2] == ["bmm", "linear"]:
-            out.append(Link(i, i + 1, heads=ops[i].x.shape[0] // _images(ops)))
+            out.append(Link(i, i + 1, heads=ops[i].x.shape[0] // images))
         elif "bmm" in kinds[:2]:
             out.append(Link(i, i + 1, skipped="into or out of a bmm outside the attention pattern"))
         else:
@@ -102,14 +105,9 @@ def links(ctx: AttackContext) -> list[Link]:
     return out
 
 
-def _images(ops: list[OpView]) -> int:
-    """The batch size: rows of the first op (the images)."""
-    return ops[0].x.shape[0]
-
-
-def _attention_link(i: int, ops: list[OpView]) -> Link:
+def _attention_link(i: int, ops: list[OpView], images: int) -> Link:
     qkv, bmm1 = ops[i], ops[i + 1]
-    heads = bmm1.x.shape[0] // _images(ops)
+    heads = bmm1.x.shape[0] // images
     if qkv.y.shape[-1] != 3 * heads * bmm1.x.shape[-1]:
         return Link(i, i + 1, skipped="qkv width is not 3 x heads x head_dim")
     return Link(i, i + 1, heads=heads)

@@ -20,7 +20,9 @@ from torch import nn
 from ..training.config import TrainConfig
 from ..training.data import LoadedData, load_data
 from ..training.models import build_model
-from .transcript import Transcript
+from .transcript import NotApplicable, Transcript
+
+__all__ = ["Attack", "AttackContext", "Finding", "NotApplicable", "OpSite", "trace_sites"]
 
 
 @dataclass
@@ -33,10 +35,6 @@ class Finding:
     baseline: float  # the same number for an attacker who guesses at random
     details: dict[str, Any] = field(default_factory=dict)  # per layer / per setting numbers (JSON-able)
     figures: dict[str, str] = field(default_factory=dict)  # caption -> image path relative to the report
-
-
-class NotApplicable(ValueError):
-    """The recording offers the attack nothing to work on (say, no convolution): reported as n/a, not as failed."""
 
 
 @dataclass(frozen=True)

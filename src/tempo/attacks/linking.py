@@ -76,8 +76,9 @@ def _link_axis(steps: list[Step], index: int, role: str) -> dict:
 
 def run(ctx: AttackContext) -> Finding:
     steps = ctx.transcript.steps
+    seen = steps[0].seen
     layers = {site.name: {role: _link_axis(steps, i, role) for role in _AXES}
-              for i, site in enumerate(ctx.sites) if site.weight is not None}
+              for i, site in enumerate(ctx.sites) if site.weight is not None and i in seen}
     axes = [a for layer in layers.values() for a in layer.values() if a["pairs"]]
     total = sum(a["units"] * a["pairs"] for a in axes)
     if total == 0:

@@ -43,8 +43,14 @@ def _assembled(ctx: AttackContext) -> nn.Module:
 
 
 def weight_sites(ctx: AttackContext) -> list[int]:
-    """Indices of the ops whose W is a parameter (the weights recovery rebuilds)."""
+    """Indices of the ops whose W is a parameter."""
     return [i for i, site in enumerate(ctx.sites) if site.weight is not None]
+
+
+def seen_weight_sites(ctx: AttackContext) -> list[int]:
+    """The weight ops the workers saw: the weights recovery rebuilds (the rest keep the fresh init)."""
+    seen = chosen_step(ctx).seen
+    return [i for i in weight_sites(ctx) if i in seen]
 
 
 def _inner_links(ctx: AttackContext) -> dict[int, PairAlignment]:
@@ -60,7 +66,7 @@ def leaked_weights(ctx: AttackContext) -> dict[str, Tensor]:
     """
     step, links = chosen_step(ctx), _inner_links(ctx)
     out = {}
-    for i in weight_sites(ctx):
+    for i in seen_weight_sites(ctx):
         w = step.ops[i].w.detach().clone()
         if i in links:
             w = w[:, links[i].match]  # basis feature f of the producer sits at inner index match[f]
@@ -116,11 +122,11 @@ def attacker_basis(ctx: AttackContext) -> dict[str, tuple[Tensor, Tensor]]:
     blinded inner order only where there is no such op (the first op's input channels, attention's proj).
     """
     step, links = chosen_step(ctx), _inner_links(ctx)
-    sites = weight_sites(ctx)
+    sites, last = seen_weight_sites(ctx), weight_sites(ctx)[-1]
     out = {}
     for i in sites:
         op = step.ops[i]
-        rows = torch.arange(op.w.shape[0]) if i == sites[-1] else step.key(op, "out", op.w.shape[0])
+        rows = torch.arange(op.w.shape[0]) if i == last else step.key(op, "out", op.w.shape[0])
         src = links[i].link.src if i in links else _previous_of_width(step, sites, i)
         if src is None:
             inner = step.key(op, "inner", op.w.shape[1])
@@ -133,7 +139,7 @@ def attacker_basis(ctx: AttackContext) -> dict[str, tuple[Tensor, Tensor]]:
 
 
 def _previous_of_width(step: Step, sites: list[int], i: int) -> int | None:
-    """The previous weight op if its output is as wide as op i's inner axis (e.g. across a residual and
+    """The previous seen weight op if its output is as wide as op i's inner axis (e.g. across a residual and
     LayerNorm), so an unaligned inner axis is scored against the basis the attacker should have matched."""
     before = [k for k in sites if k < i]
     if before and step.ops[before[-1]].w.shape[0] == step.ops[i].w.shape[1]:
@@ -165,7 +171,8 @@ def leaked_model_with_enclave_params(ctx: AttackContext) -> nn.Module:
     step, basis = chosen_step(ctx), attacker_basis(ctx)
     last = weight_sites(ctx)[-1]
     rows = {name: rows for name, (rows, _) in basis.items()}
-    rows[ctx.sites[last].weight] = step.key(step.ops[last], "out", step.ops[last].w.shape[0])
+    if not step.ops[last].inside:  # else its true weight is filled in, like every parameter never sent
+        rows[ctx.sites[last].weight] = step.key(step.ops[last], "out", step.ops[last].w.shape[0])
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name in rows or name not in step.truth.params:

@@ -58,15 +58,16 @@ def run(ctx: AttackContext) -> Finding:
     pairs = {}
     for i in range(len(step.ops) - 1):
         a, b = step.ops[i], step.ops[i + 1]
-        batch = a.y.shape[0]
-        if a.kind != "conv2d" or b.kind != "conv2d" or b.x.shape[0] != batch:
+        if a.inside or b.inside or a.kind != "conv2d" or b.kind != "conv2d" or b.x.shape[0] != a.y.shape[0]:
             continue
+        batch = a.y.shape[0]
         match = link(a.y, b.x)
         truth_a, truth_b = step.key(a, "row", batch), step.key(b, "row", batch)
         linked = float((truth_a == truth_b[match]).double().mean())
         pairs[f"{step.op_truth(a).name} -> {step.op_truth(b).name}"] = {"linked": linked, "batch": batch}
     if not pairs:
-        raise NotApplicable("no two consecutive convolutions: no spatial fingerprint to link samples by")
+        raise NotApplicable("no two consecutive convolutions the workers saw: no spatial fingerprint to link "
+                            "samples by")
     mean = sum(p["linked"] for p in pairs.values()) / len(pairs)
     baseline = sum(1 / p["batch"] for p in pairs.values()) / len(pairs)
     return Finding(NAME, "fraction of samples linked from an op's output rows to the next op's input rows", mean,

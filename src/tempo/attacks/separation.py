@@ -100,7 +100,8 @@ def run(ctx: AttackContext) -> Finding:
     generator = torch.Generator().manual_seed(ctx.seed)
     unmixes = not SCHEMES[ctx.transcript.scheme].exact  # Kerckhoffs: the worker knows the scheme
     ops = {}
-    for i, op in enumerate(step.ops):
+    for i in step.seen:
+        op = step.ops[i]
         rows = rows_of(op)
         if rows.shape[1] < 2:
             continue

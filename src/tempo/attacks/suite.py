@@ -13,7 +13,7 @@ from typing import Any
 from ..errors import ConfigError
 from . import ATTACKS
 from .base import AttackContext, Finding, NotApplicable
-from .transcript import load
+from .transcript import VIEWS, load
 
 
 @dataclass
@@ -25,12 +25,14 @@ class RecordingResult:
     findings: dict[str, Finding] = field(default_factory=dict)
     key_lifetime: int = 1  # training steps each weight kept its key in the recorded run
     unfold_convs: bool = False  # convolutions were offloaded unfolded (positions shuffled with the rows)
+    view: str = "offloaded"  # what the workers are taken to have seen (transcript.VIEWS)
 
     @property
     def setting(self) -> str:
         """The scheme, with the options that change what a worker sees."""
         return ", ".join([self.scheme] + (["unfolded"] if self.unfold_convs else [])
-                         + ([f"K={self.key_lifetime}"] if self.key_lifetime > 1 else []))
+                         + ([f"K={self.key_lifetime}"] if self.key_lifetime > 1 else [])
+                         + (["anchors inside"] if self.view == "anchors-inside" else []))
 
     def as_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -50,17 +52,21 @@ def select(names: Sequence[str] | None) -> list[str]:
 
 def run_suite(records: Sequence[Path], out_dir: Path, *, attacks: Sequence[str] | None = None, seed: int = 0,
               test_size: int = 2000, aux_size: int = 600, options: dict[str, Any] | None = None,
-              log: Callable[[str], None] = print) -> list[RecordingResult]:
-    """Every selected attack on every recording. An attack that fails is reported as such, not hidden."""
+              views: Sequence[str] = ("offloaded",), log: Callable[[str], None] = print) -> list[RecordingResult]:
+    """Every selected attack on every recording, seen in each of `views`. An attack that fails is
+    reported as such, not hidden."""
     names = select(attacks)
+    unknown = [v for v in views if v not in VIEWS]
+    if unknown or not views:
+        raise ConfigError(f"unknown view(s) {unknown}; choose from {list(VIEWS)}")
     results = []
-    for record in records:
-        transcript = load(record)
+    for record, view in ((r, v) for r in records for v in views):
+        transcript = load(record, view)
         ctx = AttackContext(transcript, out_dir, seed=seed, test_size=test_size, aux_size=aux_size,
                             options=options)
         result = RecordingResult(str(record), transcript.config["model"], transcript.scheme,
                                  [s.step for s in transcript.steps], key_lifetime=ctx.config.key_lifetime,
-                                 unfold_convs=ctx.config.unfold_convs)
+                                 unfold_convs=ctx.config.unfold_convs, view=view)
         log(f"{transcript.label}: {len(transcript.steps)} recorded step(s) from {record}")
         for name in names:
             start = time.perf_counter()

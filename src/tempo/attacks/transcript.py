@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -22,9 +23,22 @@ from ..wire import transcript
 from ..wire.messages import BackwardJob, ForwardJob, Result
 
 
+class NotApplicable(ValueError):
+    """The recording offers the attack nothing to work on (say, no convolution): reported as n/a, not as failed."""
+
+
+VIEWS = ("offloaded", "anchors-inside")
+"""What the workers are taken to have seen of a recording made with every product offloaded:
+everything, or everything but the anchors (the first and last products), which is what the
+default configuration sends. Keys are fresh per invocation, so dropping the anchors' jobs from the
+recording is exactly the traffic of a run that kept them inside."""
+
+
 @dataclass
 class OpView:
     """One op invocation as the workers saw it: blinded operands and results."""
+
+    inside: ClassVar[bool] = False
 
     job_id: int
     handle: int
@@ -36,6 +50,27 @@ class OpView:
     dy: Tensor | None = None  # dY' (None: no backward, e.g. a frozen op)
     dx: Tensor | None = None  # dX'
     dw: Tensor | None = None  # dW'
+
+
+_OPERANDS = frozenset(("x", "w", "y", "dy", "dx", "dw"))
+
+
+@dataclass
+class InsideOp:
+    """An op that ran in the enclave in this view. Its place and kind are public (the architecture and
+    the gap in the job sequence say so); its operands and results never reached a worker."""
+
+    job_id: int
+    handle: int
+    kind: str
+    params: dict
+    inside: ClassVar[bool] = True
+
+    def __getattr__(self, name: str):
+        if name in _OPERANDS:
+            raise NotApplicable(f"op {self.handle} ({self.kind}) ran inside the enclave: the workers never saw "
+                                f"its {name}")
+        raise AttributeError(name)
 
 
 @dataclass(frozen=True)
@@ -56,10 +91,15 @@ class StepTruth:
 @dataclass
 class Step:
     step: int
-    ops: list[OpView]  # in forward order
+    ops: list[OpView | InsideOp]  # in forward order
     truth: StepTruth
 
-    def op_truth(self, op: OpView) -> OpTruth:
+    @property
+    def seen(self) -> list[int]:
+        """Indices of the ops the workers saw (all but those kept inside in this view)."""
+        return [i for i, op in enumerate(self.ops) if not op.inside]
+
+    def op_truth(self, op: OpView | InsideOp) -> OpTruth:
         return self.truth.ops[op.handle]
 
     def key(self, op: OpView, role: str, n: int) -> Tensor:
@@ -82,6 +122,7 @@ class Transcript:
     directory: Path
     config: dict  # the run's TrainConfig as JSON
     steps: list[Step] = field(default_factory=list)
+    view: str = "offloaded"  # one of VIEWS
 
     @property
     def scheme(self) -> str:
@@ -94,11 +135,16 @@ class Transcript:
     @property
     def label(self) -> str:
         k = self.key_lifetime
-        return f"{self.config['model']} / {self.scheme}" + (f" (key lifetime {k})" if k > 1 else "")
+        return (f"{self.config['model']} / {self.scheme}" + (f" (key lifetime {k})" if k > 1 else "")
+                + (" (anchors inside)" if self.view == "anchors-inside" else ""))
 
 
-def load(directory: Path) -> Transcript:
-    """Read RECORD (as written by ``tempo train --record RECORD``); keep steps the workers saw whole."""
+def load(directory: Path, view: str = "offloaded") -> Transcript:
+    """Read RECORD (as written by ``tempo train --record RECORD``); keep steps the workers saw whole.
+
+    `view` "anchors-inside" withholds each step's first and last product (see VIEWS)."""
+    if view not in VIEWS:
+        raise ConfigError(f"unknown view {view!r}; choose from {list(VIEWS)}")
     directory = Path(directory)
     config_path = directory / "config.json"
     if not config_path.is_file():
@@ -109,18 +155,25 @@ def load(directory: Path) -> Transcript:
     except json.JSONDecodeError as e:
         raise DatasetError(f"{config_path} is not valid JSON: {e}") from None
     if not config.get("offload_anchors", True):  # recordings older than anchors offloaded every product
-        raise ConfigError(f"{directory} was recorded with the first and last products kept in the enclave; the "
-                          "attacks still assume every product was offloaded: record with --offload-anchors")
+        raise ConfigError(f"{directory} was recorded with the first and last products kept in the enclave; record "
+                          "with --offload-anchors and attack with --view anchors-inside to measure that setting")
     ops = _read_view(directory / "view")
     truths = _read_truth(directory / "truth")
     steps = []
     for number, truth in sorted(truths.items()):
         seen = [ops[h] for h in truth.ops if h in ops]
         if seen and len(seen) == len(truth.ops):  # the first and last recorded steps may be cut
-            steps.append(Step(number, sorted(seen, key=lambda op: op.job_id), truth))
+            ordered: list[OpView | InsideOp] = sorted(seen, key=lambda op: op.job_id)
+            if view == "anchors-inside":
+                ordered = [_inside(op) if i in (0, len(ordered) - 1) else op for i, op in enumerate(ordered)]
+            steps.append(Step(number, ordered, truth))
     if not steps:
         raise DatasetError(f"{directory} holds no complete recorded training step")
-    return Transcript(directory, config, steps)
+    return Transcript(directory, config, steps, view)
+
+
+def _inside(op: OpView) -> InsideOp:
+    return InsideOp(op.job_id, op.handle, op.kind, op.params)
 
 
 def _read_view(view_dir: Path) -> dict[int, OpView]:

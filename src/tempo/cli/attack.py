@@ -21,6 +21,9 @@ def attack(
     aux_size: Annotated[int, typer.Option(
         min=10, help="Labelled public images the attacker owns (to name output classes, match statistics).")] = 600,
     finetune_steps: Annotated[int, typer.Option(min=1, help="Step budget of the fine-tuning attack.")] = 200,
+    view: Annotated[list[str] | None, typer.Option(
+        help="What the workers saw (repeatable, one report column each): 'offloaded' (every product, as "
+             "recorded) or 'anchors-inside' (all but the first and last product: the default configuration).")] = None,
 ) -> None:
     """Play the curious worker on each recording: how much of the model and inputs can it recover?"""
     with reported_errors():
@@ -29,6 +32,6 @@ def attack(
 
         select(only)  # refuse unknown names before loading anything
         results = run_suite(records, out, attacks=only, seed=seed, test_size=test_size, aux_size=aux_size,
-                            options={"finetune_steps": finetune_steps}, log=typer.echo)
+                            options={"finetune_steps": finetune_steps}, views=view or ["offloaded"], log=typer.echo)
         json_path, md_path = write_report(results, out)
         typer.echo(f"report: {md_path} (all numbers: {json_path})")
