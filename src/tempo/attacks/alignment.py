@@ -96,7 +96,7 @@ def links(ctx: AttackContext) -> list[Link]:
             out.append(_attention_link(i, ops, images))
         elif kinds[:3] == ["bmm", "bmm", "linear"]:
             out.append(Link(i, i + 1, skipped="softmax over the token axis: not a per-unit map"))
-        elif kinds[:2] == ["bmm", "linear"]:
+        elif kinds[:2] == ["bmm", "linear"] and ops[i].x.shape[0] % images == 0:
             out.append(Link(i, i + 1, heads=ops[i].x.shape[0] // images))
         elif "bmm" in kinds[:2]:
             out.append(Link(i, i + 1, skipped="into or out of a bmm outside the attention pattern"))
