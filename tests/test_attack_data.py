@@ -217,3 +217,23 @@ def test_linking_follows_mixed_units_only_while_the_key_is_reused(reused):
     match, _ = link(signatures(before_blind, 0), signatures(after_blind, 0))
     linked = float((torch.as_tensor(match) == torch.arange(48)).double().mean())
     assert linked == 1.0 if reused else linked <= 0.1
+
+
+def test_gram_units_links_a_vits_mlp_units_under_permute_not_under_a_mix_key(recorded, tmp_path):
+    """Calibration of `gram_units`: fc1 -> GELU -> fc2 passes units one to one; their correlations match."""
+    from tempo.attacks import gram_units
+
+    finding = gram_units.run(context(recorded("small_vit", "permute"), tmp_path))
+    assert finding.value >= 0.5 and "mlp.fc1 -> " in finding.details["best_pair"]
+    assert finding.baseline == pytest.approx(1 / 128)
+
+    generator = torch.Generator().manual_seed(0)
+    units = torch.randn(3, 4000, dtype=torch.float64, generator=generator)
+    hidden = torch.randn(40, 3, dtype=torch.float64, generator=generator) @ units  # 40 correlated units
+    permuted = torch.randperm(40, generator=generator)
+    mixed = _mix_key(40, 3).apply(hidden.T, 1, inverse=False, transpose=False).T
+    unmixed_match = gram_units.match_graphs(gram_units.correlations(hidden), gram_units.correlations(hidden[permuted]))
+    assert float((permuted[unmixed_match] == torch.arange(40)).double().mean()) == 1.0
+    dominant = _mix_key(40, 3).dense().abs().argmax(0)  # blinded unit i is mostly plain unit dominant[i]
+    mixed_match = gram_units.match_graphs(gram_units.correlations(hidden), gram_units.correlations(mixed))
+    assert float((dominant[mixed_match] == torch.arange(40)).double().mean()) <= 0.15

@@ -48,7 +48,7 @@ class Run:
         else:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                self.net = tempo.protect(self.module, pool, key_lifetime=key_lifetime, key_seed=5,
+                self.net = tempo.protect(self.module, pool, scheme="permute", key_lifetime=key_lifetime, key_seed=5,
                                           offload_anchors=True)
         self.opt = OPTIMIZERS[optimizer](self.module.parameters())
         self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=30) if schedule else None

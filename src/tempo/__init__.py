@@ -4,7 +4,7 @@ Public surface::
 
     import tempo
     with tempo.local_workers(2) as workers:
-        model = tempo.protect(model, workers, scheme="permute", checks=2)
+        model = tempo.protect(model, workers, scheme="mix", checks=2)
 
 Names load lazily (PEP 562) so that ``import tempo.worker`` on a worker host pulls in nothing
 from the enclave side.

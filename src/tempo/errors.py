@@ -57,3 +57,7 @@ class IntegrityError(TempoError):
             f"integrity check failed: op '{op}' ({product}) at step {step} from worker {worker}: "
             f"{detail}. The result was discarded; do not trust this worker."
         )
+
+
+class SealError(TempoError):
+    """A sealed file (bundle, checkpoint, model) is corrupt, truncated, altered, or under another key."""

@@ -9,4 +9,4 @@ from __future__ import annotations
 
 # In report order: what a thief gets first, then the mechanisms that give it to them.
 ATTACKS = ("direct_use", "finetune", "linking", "alignment", "weights", "inputs", "spatial_inputs", "separation",
-           "samples", "gram")
+           "samples", "gram", "gram_units")

@@ -17,9 +17,7 @@ refinement: right pairs reinforce each other). Pairs are op outputs and the next
 the same rows, except the attention products (their rows are heads x tokens, shuffled apart).
 
 Scoring reads each op's row key. The headline is the best pair's fraction of rows linked to
-themselves: one pair linked is enough to pool what two ops reveal about each sample, and pairs
-with a residual sum between them (a transformer's attention output and the next MLP input) are not
-a function of each other and link only at chance. Random guess: 1/rows of that pair.
+themselves (see :func:`best_pair`). Random guess: 1/rows of that pair.
 """
 
 from __future__ import annotations
@@ -63,13 +61,17 @@ def _assign(cost: Tensor) -> Tensor:
 
 def link(out: Tensor, nxt: Tensor, rounds: int = ROUNDS) -> Tensor:
     """For each row of `out` (an op's output), the row of `nxt` (the next op's input) judged the same."""
-    a, b = cosine_gram(rows_of(out)), cosine_gram(rows_of(nxt))
+    return match_graphs(cosine_gram(rows_of(out)), cosine_gram(rows_of(nxt)), rounds)
+
+
+def match_graphs(a: Tensor, b: Tensor, rounds: int = ROUNDS) -> Tensor:
+    """Pair the nodes of two similarity matrices (zero diagonals): for each node of `a`, its node in `b`."""
     k = min(SIGNATURE, len(a) - 1)
     sig_a = _standard(a.sort(dim=1, descending=True).values[:, :k], 0)
     sig_b = _standard(b.sort(dim=1, descending=True).values[:, :k], 0)
     match = _assign(torch.cdist(sig_a, sig_b))
     for _ in range(rounds):
-        # row i of `out` against row j of `nxt`: their similarities to rows paired so far, in pair order
+        # node i of `a` against node j of `b`: their similarities to the nodes paired so far, in pair order
         match = _assign(-(_standard(a, 1) @ _standard(b[:, match], 1).T))
     return match
 
@@ -90,7 +92,17 @@ def run(ctx: AttackContext) -> Finding:
             "linked": float((truth_a == truth_b[match]).double().mean()), "rows": n}
     if not pairs:
         raise NotApplicable("no two consecutive products the workers saw share their rows")
-    best = max(pairs, key=lambda name: pairs[name]["linked"])
+    value, baseline, best = best_pair(pairs, "rows")
     return Finding(NAME, "fraction of rows (samples, tokens) linked from an op's output to the next op's input by "
-                   "their Gram matrices (best pair)", pairs[best]["linked"], 1 / pairs[best]["rows"],
+                   "their Gram matrices (best pair)", value, baseline,
                    {"best_pair": best, "pairs": pairs, "signature": SIGNATURE, "rounds": ROUNDS})
+
+
+def best_pair(pairs: dict[str, dict], size: str) -> tuple[float, float, str]:
+    """The headline of a linking attack over op pairs: the best pair's fraction linked, 1/its `size`, its name.
+
+    One linked pair is enough to pool what two ops reveal; pairs with a residual sum between them
+    (a transformer's attention output and the next MLP input) are not a function of each other.
+    """
+    best = max(pairs, key=lambda name: pairs[name]["linked"])
+    return pairs[best]["linked"], 1 / pairs[best][size], best

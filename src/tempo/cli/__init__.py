@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from . import attack, env, train
+from . import attack, env, seal, train
 
 # Tracebacks never show local variables: in the enclave they hold plaintext weights and keys.
 app = typer.Typer(name="tempo", help="Confidential training: the enclave offloads every product, blinded.",
@@ -16,6 +16,8 @@ app = typer.Typer(name="tempo", help="Confidential training: the enclave offload
 app.command("train")(train.train)
 app.command("env")(env.env)
 app.command("attack")(attack.attack)
+app.command("seal")(seal.seal)
+app.command("unseal")(seal.unseal)
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ from ..errors import (
     DatasetError,
     IntegrityError,
     ProtocolError,
+    SealError,
     TempoError,
     UnsupportedModelError,
     WorkerError,
@@ -28,7 +29,7 @@ EXIT_INTERRUPTED = 130
 
 
 def exit_code(error: TempoError) -> int:
-    if isinstance(error, ConfigError | DatasetError | UnsupportedModelError):
+    if isinstance(error, ConfigError | DatasetError | UnsupportedModelError | SealError):
         return EXIT_BAD_INPUT
     if isinstance(error, WorkerError | IntegrityError | ProtocolError):
         return EXIT_WORKERS

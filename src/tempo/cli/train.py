@@ -37,8 +37,9 @@ def train(
     workers: Annotated[int, typer.Option(min=1, help="Local workers (tempo mode).")] = _DEFAULTS.workers,
     in_process_workers: Annotated[bool, typer.Option(
         "--in-process-workers", help="Run the workers as objects in this process, not as processes.")] = False,
-    scheme: Annotated[str, typer.Option(help="Blinding scheme: permute, mix (dense mixing keys), or none (INSECURE).")
-                      ] = _DEFAULTS.scheme,
+    scheme: Annotated[str, typer.Option(
+        help="Blinding scheme: mix (dense mixing keys, the default), permute (cheaper, leaks the model; needed "
+             "for --key-lifetime > 1), or none (INSECURE).")] = _DEFAULTS.scheme,
     checks: Annotated[int, typer.Option(min=0, help="Freivalds checks per product (0 disables).")
                       ] = _DEFAULTS.checks,
     offload_anchors: Annotated[bool, typer.Option(

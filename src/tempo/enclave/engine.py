@@ -115,7 +115,7 @@ def validate_model(model: nn.Module) -> list[str]:
             if isinstance(m, NOT_OFFLOADED)]
 
 
-def protect(model: nn.Module, workers: WorkerPool, *, scheme: str | Scheme = "permute", checks: int = 2,
+def protect(model: nn.Module, workers: WorkerPool, *, scheme: str | Scheme = "mix", checks: int = 2,
             strict: bool = False, offload_anchors: bool = False, unfold_convs: bool = False, key_lifetime: int = 1,
             key_seed: int | None = None, truth: GroundTruth | None = None) -> ProtectedModel:
     """Wrap `model` so every linear, convolution and attention product runs blinded on `workers`.
@@ -123,7 +123,9 @@ def protect(model: nn.Module, workers: WorkerPool, *, scheme: str | Scheme = "pe
     Args:
         model: any nn.Module; it is not modified apart from forward hooks that name its ops.
         workers: a pool from :func:`tempo.local_workers`.
-        scheme: blinding scheme name (``"permute"``; ``"none"`` is the insecure reference).
+        scheme: blinding scheme name: ``"mix"`` (dense mixing keys, the default), ``"permute"`` (the paper's
+            permutations: cheaper, leaks the model to the leakage suite; needed for key_lifetime > 1) or
+            ``"none"`` (the insecure reference).
         checks: Freivalds vectors per product (t); a wrong result slips through with prob <= 2^-t.
         strict: refuse layers that cannot be offloaded instead of running them in the enclave.
         offload_anchors: also offload the model's first product (it sees the raw inputs) and last
@@ -145,7 +147,7 @@ def protect(model: nn.Module, workers: WorkerPool, *, scheme: str | Scheme = "pe
         raise ConfigError(f"key_lifetime must be an integer >= 1, got {key_lifetime!r}")
     if key_lifetime > 1 and not blinding.updates_commute:
         raise ConfigError(f"scheme '{blinding.name}' cannot update blinded weights element-wise: "
-                          "it needs key_lifetime=1")
+                          "it needs key_lifetime=1 (key lifetimes K > 1 work with scheme 'permute')")
     if not blinding.secure:
         warnings.warn(f"tempo: scheme '{blinding.name}' is INSECURE: {blinding.summary}", stacklevel=2)
     if checks == 0:

@@ -44,7 +44,7 @@ class TrainConfig:
     mode: Mode = Mode.TEMPO
     workers: int = 2
     in_process_workers: bool = False
-    scheme: str = "permute"
+    scheme: str = "mix"
     checks: int = 2
     offload_anchors: bool = False  # also offload the first and last products (inputs and labels)
     unfold_convs: bool = False  # offload convolutions unfolded (im2col): positions blinded with the rows
