@@ -61,3 +61,8 @@ class IntegrityError(TempoError):
 
 class SealError(TempoError):
     """A sealed file (bundle, checkpoint, model) is corrupt, truncated, altered, or under another key."""
+
+
+class AttestationError(TempoError):
+    """Key release refused: evidence that does not verify, an unexpected measurement, a replayed
+    handshake, or a key server that answered out of protocol."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from . import attack, env, seal, train
+from . import attack, attest, env, seal, train
 
 # Tracebacks never show local variables: in the enclave they hold plaintext weights and keys.
 app = typer.Typer(name="tempo", help="Confidential training: the enclave offloads every product, blinded.",
@@ -18,6 +18,8 @@ app.command("env")(env.env)
 app.command("attack")(attack.attack)
 app.command("seal")(seal.seal)
 app.command("unseal")(seal.unseal)
+app.command("measure")(attest.measure)
+app.command("keyserver")(attest.keyserver)
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 import typer
 
 from ..errors import (
+    AttestationError,
     ConfigError,
     DatasetError,
     IntegrityError,
@@ -24,6 +25,7 @@ from ..errors import (
 
 EXIT_BAD_INPUT = 2
 EXIT_WORKERS = 3  # a worker died, stalled, failed, spoke out of protocol or failed verification
+EXIT_ATTESTATION = 4  # key release refused, or the key server could not be reached
 EXIT_OTHER = 1
 EXIT_INTERRUPTED = 130
 
@@ -33,6 +35,8 @@ def exit_code(error: TempoError) -> int:
         return EXIT_BAD_INPUT
     if isinstance(error, WorkerError | IntegrityError | ProtocolError):
         return EXIT_WORKERS
+    if isinstance(error, AttestationError):
+        return EXIT_ATTESTATION
     return EXIT_OTHER
 
 

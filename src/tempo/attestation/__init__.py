@@ -1,0 +1,12 @@
+"""Attested key release: the owner's data key goes only to enclave code the owner expects.
+
+The enclave makes an ephemeral X25519 key pair and asks its TEE for *evidence* (a quote or report)
+whose 64-byte report data is bound to that public key and to the key server's one-time challenge
+(:func:`evidence.report_data`). The owner's key server checks the evidence and the measurement,
+then wraps the data key to the ephemeral key (:mod:`.release`). Backends:
+
+- ``dev`` (:mod:`.dev`): a software measurement (SHA-256 of Tempo's code) signed with an Ed25519 key. It proves
+  nothing about hardware and says so every time it is used.
+
+The hardware backends (``sgx``, ``tdx``, ``sev-snp``) are not written yet.
+"""

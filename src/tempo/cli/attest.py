@@ -1,0 +1,68 @@
+"""``tempo measure`` and ``tempo keyserver``: the owner's side of attested key release."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .errors import reported_errors
+
+
+def measure(
+    dev_key: Annotated[Path | None, typer.Option(
+        help="Also create a dev-backend signing key here (Ed25519, mode 0600) and print its public key, "
+             "for `tempo keyserver --dev-trust`.")] = None,
+) -> None:
+    """Print the dev-backend measurement of this Tempo installation (SHA-256 of its code)."""
+    with reported_errors():
+        from ..attestation import dev
+
+        typer.echo(f"measurement {dev.measure()}")
+        if dev_key is not None:
+            typer.echo(f"dev signing key {dev_key}: public key {dev.create_signing_key(dev_key)}")
+            typer.echo(f"warning: {dev.WARNING}", err=True)
+
+
+def keyserver(
+    key: Annotated[Path, typer.Option(help="The data key file (from `tempo seal`).")],
+    expect: Annotated[list[str], typer.Option(help="Measurement to release the key to (repeatable).")],
+    listen: Annotated[str, typer.Option(help="HOST:PORT to listen on.")] = "127.0.0.1:7070",
+    dev_trust: Annotated[list[str] | None, typer.Option(
+        help="Accept dev-backend evidence signed by this public key (hex; repeatable). Proves nothing "
+             "about hardware: for development only.")] = None,
+) -> None:
+    """Release the data key to enclaves whose attestation evidence shows an expected measurement."""
+    with reported_errors():
+        from ..attestation import dev
+        from ..attestation.release import KeyServer, Policy, parse_address
+        from ..errors import ConfigError
+        from ..sealed.stream import read_key_file
+
+        for m in expect:
+            try:
+                bytes.fromhex(m)
+            except ValueError:
+                raise ConfigError(f"--expect {m!r} is not a hex measurement") from None
+        for k in dev_trust or []:
+            try:
+                if len(bytes.fromhex(k)) != 32:
+                    raise ValueError
+            except ValueError:
+                raise ConfigError(f"--dev-trust {k!r} is not a 32-byte hex Ed25519 public key") from None
+        if dev_trust:
+            typer.echo(f"warning: {dev.WARNING}", err=True)
+        server = KeyServer(read_key_file(key), Policy(frozenset(m.lower() for m in expect),
+                                                      frozenset(k.lower() for k in dev_trust or [])),
+                           log=lambda line: typer.echo(line, err=True))
+        host, port = parse_address(listen)
+        try:
+            bound = server.bind(host, port)
+        except OSError as e:
+            raise ConfigError(f"cannot listen on {listen}: {e.strerror}") from None
+        typer.echo(f"key server listening on {bound[0]}:{bound[1]}", err=True)
+        try:
+            server.serve_forever()
+        finally:
+            server.close()
