@@ -78,25 +78,44 @@ def seal(
 
 
 def unseal(
-    sealed: Annotated[Path, typer.Argument(help="A bundle written by `tempo seal`.")],
+    sealed: Annotated[Path, typer.Argument(help="A bundle (`tempo seal`) or a sealed model (`tempo train --bundle`).")],
     key: Annotated[Path, typer.Option(help="The data key file it was sealed under.")],
     out: Annotated[Path, typer.Option(help="Folder to write the plaintext into (must not exist yet).")],
 ) -> None:
-    """Decrypt and verify a bundle into a new folder: all of it, or nothing if any byte fails."""
+    """Decrypt and verify a sealed file into a new folder: all of it, or nothing if any byte fails.
+
+    A bundle gives data/..., config.json (and initial_weights.pt); a sealed model gives model.pt
+    (a plain state_dict) and manifest.json (the run id and training step it was sealed at)."""
     with reported_errors():
-        from ..sealed.bundle import OpenBundle
-        from ..sealed.stream import read_key_file
+        from ..sealed.stream import purpose_of, read_key_file
 
         if out.exists():
             raise ConfigError(f"{out} exists: unseal into a new folder")
+        data_key, purpose = read_key_file(key), purpose_of(sealed)
         partial = out.with_name(out.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         try:
-            with OpenBundle(sealed, read_key_file(key)) as bundle:
-                partial.mkdir(parents=True)
-                with _bytes_bar(sum(e.size for e in bundle.entries), "unsealing") as bar:
-                    bundle.extract(partial, progress=bar.update)
-            partial.rename(out)  # all or nothing: a bundle that fails anywhere leaves no folder behind
+            partial.mkdir(parents=True)
+            what = _unseal_into(sealed, data_key, purpose, partial)
+            partial.rename(out)  # all or nothing: a file that fails anywhere leaves no folder behind
         finally:
             shutil.rmtree(partial, ignore_errors=True)
-        typer.echo(f"unsealed {sealed} (run {bundle.run_id}) into {out}")
+        typer.echo(f"unsealed {sealed} ({what}) into {out}")
+
+
+def _unseal_into(sealed: Path, data_key: bytes, purpose: str, dest: Path) -> str:
+    from ..sealed import bundle, model
+
+    if purpose == bundle.PURPOSE:
+        with bundle.OpenBundle(sealed, data_key) as opened:
+            with _bytes_bar(sum(e.size for e in opened.entries), "unsealing") as bar:
+                opened.extract(dest, progress=bar.update)
+            return f"bundle of run {opened.run_id}"
+    if purpose == model.PURPOSE:
+        import torch
+
+        manifest, state = model.open_state(sealed, data_key)
+        torch.save(state, dest / "model.pt")
+        (dest / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        return f"model of run {manifest.get('run_id')} at step {manifest.get('step')}"
+    raise ConfigError(f"{sealed} is a sealed {purpose!r}, which this command does not open")

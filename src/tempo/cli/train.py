@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from ..errors import ConfigError
 from ..training.config import DatasetName, Mode, TrainConfig, parse_shape
 from .errors import reported_errors
 
@@ -79,6 +80,15 @@ def train(
         min=0, help="Record nothing after this training step (0: to the end). Weights barely move at the end "
                     "of a decayed schedule, so a mid-run window is the harder test for linking attacks.")] = 0,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    bundle: Annotated[Path | None, typer.Option(
+        help="Train from a sealed bundle (`tempo seal`): its dataset and settings, opened with the data key "
+             "that --keyserver releases after attestation; the final model is written sealed.")] = None,
+    keyserver: Annotated[str | None, typer.Option(help="HOST:PORT of the owner's `tempo keyserver`.")] = None,
+    attestation: Annotated[str | None, typer.Option(
+        help="Attestation backend for --keyserver: dev (a software measurement signed with --dev-key; "
+             "proves nothing about hardware).")] = None,
+    dev_key: Annotated[Path | None, typer.Option(help="Signing key of the dev backend (`tempo measure --dev-key`).")
+                       ] = None,
 ) -> None:
     """Train a model; write per-step and per-epoch metrics, config.json and model.pt to --out."""
     if mode is Mode.TEMPO:
@@ -91,11 +101,56 @@ def train(
         warnings.showwarning = _show_warning
         from ..training.loop import train as run
 
-        run(TrainConfig(
+        config = TrainConfig(
             model=model, dataset=dataset, data_dir=data_dir, epochs=epochs, batch_size=batch_size, lr=lr,
             mode=mode, workers=workers, in_process_workers=in_process_workers, scheme=scheme, checks=checks,
             key_lifetime=key_lifetime, offload_anchors=offload_anchors, unfold_convs=unfold_convs,
             worker_timeout=worker_timeout, seed=seed, out=out, train_subset=train_subset or None,
             test_subset=test_subset or None, image_size=image_size or None, normalize=normalize,
             synthetic_shape=parse_shape(synthetic_shape), synthetic_classes=synthetic_classes,
-            record=record, record_steps=record_steps, record_until=record_until or None, progress=progress))
+            record=record, record_steps=record_steps, record_until=record_until or None, progress=progress)
+        if bundle is None:
+            if keyserver or attestation or dev_key:
+                raise ConfigError("--keyserver, --attestation and --dev-key go with --bundle")
+            run(config)
+        else:
+            _train_from_bundle(config, bundle, keyserver, attestation, dev_key)
+
+
+_OPERATIONAL = ("workers", "in_process_workers", "worker_timeout", "out", "progress")  # the host's, not the run's
+
+
+def _train_from_bundle(cli: TrainConfig, bundle: Path, keyserver: str | None, attestation: str | None,
+                       dev_key: Path | None) -> None:
+    """The run the owner sealed: settings from the bundle (only where-and-how options from the command
+    line), data in enclave memory, the final model sealed under the owner's key."""
+    import dataclasses
+
+    from ..attestation import dev
+    from ..enclave.provision import provisioned
+    from ..sealed.model import seal_state
+    from ..training.loop import train as run
+
+    given = [f.name for f in dataclasses.fields(TrainConfig)
+             if f.name not in _OPERATIONAL and getattr(cli, f.name) != getattr(_DEFAULTS, f.name)]
+    if given:
+        raise ConfigError(f"with --bundle the run's settings come from the bundle; drop {given}")
+    if keyserver is None:
+        raise ConfigError("--bundle needs --keyserver HOST:PORT: the data key is released only after attestation")
+    if attestation != "dev":
+        raise ConfigError("--bundle needs --attestation: only 'dev' exists so far (sgx, tdx and sev-snp are not "
+                          "written yet)")
+    if dev_key is None:
+        raise ConfigError("--attestation dev needs --dev-key FILE (`tempo measure --dev-key FILE` makes one)")
+    attester = dev.DevAttester(dev.load_signing_key(dev_key))
+    with provisioned(bundle, keyserver, attester, log=lambda line: typer.echo(line, err=True)) as p:
+        sealed = set(p.config) & set(_OPERATIONAL)
+        if sealed:
+            raise ConfigError(f"the bundle's settings name host options {sorted(sealed)}; seal it without them")
+        try:
+            config = TrainConfig(**p.config, data_dir=p.data_dir, init_weights=p.init_weights,
+                                 **{name: getattr(cli, name) for name in _OPERATIONAL})
+        except TypeError as e:
+            raise ConfigError(f"the bundle's settings do not fit this Tempo: {e}") from None
+        run(config, save_model=lambda state, out_dir, step: seal_state(
+            state, out_dir / "model.sealed", p.data_key, run_id=p.run_id, step=step))

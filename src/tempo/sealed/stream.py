@@ -199,3 +199,17 @@ class SealedReader:
 
 def new_run_id() -> str:
     return os.urandom(16).hex()
+
+
+def purpose_of(path: Path) -> str:
+    """The purpose a sealed file's public header declares ("bundle", "model", ...), read without the key."""
+    try:
+        with Path(path).open("rb") as f:
+            if f.read(len(MAGIC)) != MAGIC:
+                raise SealError(f"{path} is not a sealed Tempo file (bad magic)")
+            (length,) = struct.unpack(">I", f.read(4).rjust(4, b"\0"))
+            return str(json.loads(f.read(min(length, _MAX_HEADER)))["purpose"])
+    except OSError as e:
+        raise ConfigError(f"cannot open {path}: {e.strerror}") from None
+    except (ValueError, KeyError, TypeError):
+        raise SealError(f"{path}: the header is not valid: the file is corrupt") from None

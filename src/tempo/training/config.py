@@ -61,6 +61,7 @@ class TrainConfig:
     record: Path | None = None  # leakage suite: workers' transcripts and the run's ground truth go here
     record_steps: int = 10  # keep the last this many training steps of the recording
     record_until: int | None = None  # stop recording after this training step (None: record to the end)
+    init_weights: Path | None = None  # a state_dict to start from instead of the seed's initialisation
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -70,7 +71,7 @@ class TrainConfig:
             except ValueError:
                 raise ConfigError(f"unknown {name} {getattr(self, name)!r}; choose one of "
                                   f"{[k.value for k in kind]}") from None
-        for name in ("data_dir", "out", "record"):
+        for name in ("data_dir", "out", "record", "init_weights"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, Path(getattr(self, name)))
         problems = [f"{name} must be >= {low}, got {getattr(self, name)}"

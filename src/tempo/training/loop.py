@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -83,8 +83,16 @@ def describe(config: TrainConfig, data: LoadedData) -> str:
             f"batch {config.batch_size}, lr {config.lr} (cosine), seed {config.seed}: {where}")
 
 
-def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> RunResult:
-    """Run `config` to the end; write metrics, config and final checkpoint; return the metrics."""
+def save_plain(state: dict[str, Tensor], out_dir: Path, step: int) -> Path:
+    """The final model as an ordinary state_dict file, ``model.pt``."""
+    torch.save(state, out_dir / "model.pt")
+    return out_dir / "model.pt"
+
+
+def train(config: TrainConfig, *, log: Callable[[str], None] = print,
+          save_model: Callable[[dict[str, Tensor], Path, int], Path] = save_plain) -> RunResult:
+    """Run `config` to the end; write metrics, config and the final model (through `save_model`, which
+    gets the state_dict, the run folder and the step count); return the metrics."""
     if config.mode is Mode.TEMPO:
         from ..schemes import get_scheme
 
@@ -99,6 +107,8 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> RunResu
     torch.manual_seed(config.seed)  # same initial weights in every mode
     model = build_model(config.model, num_classes=data.num_classes, channels=data.channels,
                         image_size=data.image_size)
+    if config.init_weights is not None:
+        _load_initial(model, config.init_weights)
     out_dir = new_run_dir(config.out)
     (out_dir / "config.json").write_text(config.to_json() + "\n")
     if config.record is not None:
@@ -125,12 +135,27 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print) -> RunResu
                         "epoch_time_s": eval_start - epoch_start, "eval_time_s": time.perf_counter() - eval_start})
             log(f"epoch {epoch}/{config.epochs}: train loss {train_loss:.4f} acc {train_acc:.2%}, "
                 f"test loss {test_loss:.4f} acc {test_acc:.2%}")
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out_dir / "model.pt")
+    saved = save_model({k: v.detach().cpu() for k, v in model.state_dict().items()}, out_dir,
+                       config.epochs * len(loader))
     result = RunResult(out_dir, steps.rows, epochs.rows, time.perf_counter() - start)
     log(f"done: test accuracy {result.test_accuracy:.2%} (test loss {epochs.rows[-1]['test_loss']:.4f}) after "
         f"{config.epochs} epoch(s) in {result.seconds:.1f} s, mode {config.mode.value}; "
-        f"metrics and model.pt in {out_dir}")
+        f"metrics in {out_dir}, model in {saved}")
     return result
+
+
+def _load_initial(model: nn.Module, path: Path) -> None:
+    """Start from the state_dict at `path`; every key must match the architecture exactly."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError) as e:
+        raise ConfigError(f"cannot load initial weights {path}: {e}") from None
+    if not isinstance(state, dict):
+        raise ConfigError(f"initial weights {path} hold a {type(state).__name__}, not a state_dict")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ConfigError(f"initial weights {path} do not fit model: {' '.join(str(e).split())[:400]}") from None
 
 
 @dataclass

@@ -1,0 +1,106 @@
+"""seal -> keyserver -> train --bundle -> unseal, end to end, and the same model as training in the clear."""
+
+from __future__ import annotations
+
+import json
+import threading
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from tempo.attestation import dev
+from tempo.attestation.release import KeyServer, Policy
+from tempo.sealed.stream import read_key_file
+from tempo.training.config import DEFAULT_FASHION_MNIST_DIR, TrainConfig
+from tempo.training.loop import train
+from test_cli import assert_one_line_error, invoke
+
+RUN = {"model": "small_cnn", "epochs": 1, "train_subset": 256, "test_subset": 200, "batch_size": 64,
+       "scheme": "mix", "seed": 3}
+HOST = ["--in-process-workers", "--workers", "1", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def sealed(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(bundle, data key file, dev signing key) for Fashion-MNIST and RUN."""
+    d = tmp_path_factory.mktemp("owner")
+    (d / "run.json").write_text(json.dumps(RUN))
+    r = invoke("seal", "--data", str(DEFAULT_FASHION_MNIST_DIR), "--model", str(d / "run.json"),
+               "--out", str(d / "fmnist.sealed"))
+    assert r.returncode == 0, r.stderr
+    dev.create_signing_key(d / "dev.pem")
+    return d / "fmnist.sealed", d / "fmnist.sealed.key", d / "dev.pem"
+
+
+@pytest.fixture
+def keyserver(sealed) -> Iterator[tuple[str, list[str]]]:
+    def start(measurement: str) -> str:
+        public = dev.public_key_hex(dev.load_signing_key(sealed[2]))
+        ks = KeyServer(read_key_file(sealed[1]), Policy(frozenset({measurement}), frozenset({public})),
+                       log=log.append, timeout=10)
+        host, port = ks.bind("127.0.0.1", 0)
+        thread = threading.Thread(target=ks.serve_forever, args=(stop,), daemon=True)
+        thread.start()
+        servers.append((ks, thread))
+        return f"{host}:{port}"
+
+    log: list[str] = []
+    stop, servers = threading.Event(), []
+    yield start, log
+    stop.set()
+    for ks, thread in servers:
+        thread.join()
+        ks.close()
+
+
+def _train_bundle(sealed, address: str, out: Path):
+    bundle, _, dev_key = sealed
+    return invoke("train", "--bundle", str(bundle), "--keyserver", address, "--attestation", "dev",
+                  "--dev-key", str(dev_key), "--out", str(out), *HOST)
+
+
+def test_training_from_a_bundle_gives_the_plaintext_runs_model_sealed(sealed, keyserver, tmp_path):
+    start, _ = keyserver
+    shm_before = set(Path("/dev/shm").glob("tempo-bundle-*"))
+    r = _train_bundle(sealed, start(dev.measure()), tmp_path / "run")
+    assert r.returncode == 0, r.stderr
+    assert "proves NOTHING about hardware" in r.stderr and "data key released" in r.stderr
+    assert (tmp_path / "run" / "model.sealed").is_file() and not (tmp_path / "run" / "model.pt").exists()
+    assert set(Path("/dev/shm").glob("tempo-bundle-*")) == shm_before  # the plaintext data is gone
+
+    r = invoke("unseal", str(tmp_path / "run" / "model.sealed"), "--key", str(sealed[1]), "--out",
+               str(tmp_path / "owner"))
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((tmp_path / "owner" / "manifest.json").read_text())
+    assert manifest["step"] == 256 // 64 and len(manifest["run_id"]) == 32
+    got = torch.load(tmp_path / "owner" / "model.pt", weights_only=True)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        clear = train(TrainConfig(**RUN, in_process_workers=True, workers=1, progress=False, out=tmp_path / "clear"),
+                      log=lambda _: None)
+    want = torch.load(clear.out_dir / "model.pt", weights_only=True)
+    assert got.keys() == want.keys()
+    for name in want:  # fresh keys per run: the same model up to blinding's float rounding
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_key_server_expecting_other_code_stops_the_run_before_any_data_is_read(sealed, keyserver, tmp_path):
+    start, log = keyserver
+    r = _train_bundle(sealed, start("ab" * 32), tmp_path / "run")
+    assert_one_line_error(r, 4, "refused to release the key", "is not the expected one")
+    assert not (tmp_path / "run").exists()
+    assert any("is not the expected one" in line for line in log)
+
+
+def test_bundle_options_are_checked(sealed, tmp_path):
+    bundle = sealed[0]
+    assert_one_line_error(invoke("train", "--bundle", str(bundle), "--epochs", "3", "--keyserver", "x:1"), 2,
+                          "settings come from the bundle", "epochs")
+    assert_one_line_error(invoke("train", "--bundle", str(bundle)), 2, "needs --keyserver")
+    assert_one_line_error(invoke("train", "--bundle", str(bundle), "--keyserver", "127.0.0.1:1"), 2,
+                          "needs --attestation")
+    assert_one_line_error(invoke("train", "--keyserver", "127.0.0.1:1"), 2, "go with --bundle")
