@@ -250,7 +250,8 @@ def test_modes_agree_step_for_step(tmp_path: Path) -> None:
         assert all((s["bytes_sent"] > 0) == (mode is Mode.TEMPO) for s in run.steps)
     assert len(losses[Mode.TEMPO]) == 3
     torch.testing.assert_close(losses[Mode.TEMPO], losses[Mode.ENCLAVE], rtol=1e-4, atol=0)
-    variants = {"k2": dict(key_lifetime=2), "mix, anchors inside": dict(scheme="mix", offload_anchors=False)}
+    variants = {"permute": dict(scheme="permute"), "permute, k2": dict(scheme="permute", key_lifetime=2),
+                "mix, anchors inside": dict(offload_anchors=False)}
     for name, changes in variants.items():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
