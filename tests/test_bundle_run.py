@@ -13,6 +13,7 @@ import torch
 
 from tempo.attestation import dev
 from tempo.attestation.release import KeyServer, Policy
+from tempo.sealed.model import open_state
 from tempo.sealed.stream import read_key_file
 from tempo.training.config import DEFAULT_FASHION_MNIST_DIR, TrainConfig
 from tempo.training.loop import train
@@ -56,10 +57,10 @@ def keyserver(sealed) -> Iterator[tuple[str, list[str]]]:
         ks.close()
 
 
-def _train_bundle(sealed, address: str, out: Path):
+def _train_bundle(sealed, address: str, out: Path, *extra: str):
     bundle, _, dev_key = sealed
     return invoke("train", "--bundle", str(bundle), "--keyserver", address, "--attestation", "dev",
-                  "--dev-key", str(dev_key), "--out", str(out), *HOST)
+                  "--dev-key", str(dev_key), "--out", str(out), *HOST, *extra)
 
 
 def test_training_from_a_bundle_gives_the_plaintext_runs_model_sealed(sealed, keyserver, tmp_path):
@@ -104,3 +105,36 @@ def test_bundle_options_are_checked(sealed, tmp_path):
     assert_one_line_error(invoke("train", "--bundle", str(bundle), "--keyserver", "127.0.0.1:1"), 2,
                           "needs --attestation")
     assert_one_line_error(invoke("train", "--keyserver", "127.0.0.1:1"), 2, "go with --bundle")
+
+
+def test_sealed_checkpoints_resume_and_refuse_tampering_or_replay(sealed, keyserver, tmp_path):
+    start, _ = keyserver
+    address, run = start(dev.measure()), tmp_path / "run"
+    r = _train_bundle(sealed, address, run, "--checkpoint-every", "2")
+    assert r.returncode == 0, r.stderr
+    folder = run / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["step-00000002.sealed", "step-00000004.sealed"]
+    assert b"weight" not in (folder / "step-00000004.sealed").read_bytes()  # sealed, not a torch zip
+    first = (run / "model.sealed").read_bytes()
+
+    newest = folder / "step-00000004.sealed"
+    good = newest.read_bytes()
+    newest.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    assert_one_line_error(_train_bundle(sealed, address, run, "--checkpoint-every", "2", "--resume"), 2,
+                          "step 4 is not valid", "fails authentication", "--resume-step with one of [2]")
+    newest.write_bytes((folder / "step-00000002.sealed").read_bytes())
+    assert_one_line_error(_train_bundle(sealed, address, run, "--checkpoint-every", "2", "--resume"), 2,
+                          "sealed at step 2, not 4", "replayed")
+
+    r = _train_bundle(sealed, address, run, "--checkpoint-every", "2", "--resume", "--resume-step", "2")
+    assert r.returncode == 0, r.stderr
+    assert "resumed from the checkpoint of step 2" in r.stdout
+    key = read_key_file(sealed[1])
+    (_, resumed), (_, whole) = (open_state(run / "model.sealed", key), open_state_bytes(first, key, tmp_path))
+    for name in whole:
+        torch.testing.assert_close(resumed[name], whole[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def open_state_bytes(data: bytes, key: bytes, tmp_path: Path):
+    (tmp_path / "copy.sealed").write_bytes(data)
+    return open_state(tmp_path / "copy.sealed", key)

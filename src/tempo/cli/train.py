@@ -80,6 +80,14 @@ def train(
         min=0, help="Record nothing after this training step (0: to the end). Weights barely move at the end "
                     "of a decayed schedule, so a mid-run window is the harder test for linking attacks.")] = 0,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    checkpoint_every: Annotated[int, typer.Option(
+        min=0, help="Write a checkpoint every this many steps to OUT/checkpoints (sealed with --bundle); "
+                    "the newest 3 are kept. 0: none.")] = 0,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue the run in --out from its newest checkpoint, to the same final model.")] = False,
+    resume_step: Annotated[int | None, typer.Option(
+        min=1, help="With --resume: start from this step's checkpoint instead of the newest (e.g. when the "
+                    "newest is refused as tampered).")] = None,
     bundle: Annotated[Path | None, typer.Option(
         help="Train from a sealed bundle (`tempo seal`): its dataset and settings, opened with the data key "
              "that --keyserver releases after attestation; the final model is written sealed.")] = None,
@@ -108,28 +116,36 @@ def train(
             worker_timeout=worker_timeout, seed=seed, out=out, train_subset=train_subset or None,
             test_subset=test_subset or None, image_size=image_size or None, normalize=normalize,
             synthetic_shape=parse_shape(synthetic_shape), synthetic_classes=synthetic_classes,
-            record=record, record_steps=record_steps, record_until=record_until or None, progress=progress)
+            record=record, record_steps=record_steps, record_until=record_until or None, progress=progress,
+            checkpoint_every=checkpoint_every)
+        if resume_step is not None and not resume:
+            raise ConfigError("--resume-step goes with --resume")
+        if resume and out is None:
+            raise ConfigError("--resume needs --out: the folder of the run to continue")
         if bundle is None:
             if keyserver or attestation or dev_key:
                 raise ConfigError("--keyserver, --attestation and --dev-key go with --bundle")
-            run(config)
+            run(config, resume=resume, resume_step=resume_step)
         else:
-            _train_from_bundle(config, bundle, keyserver, attestation, dev_key)
+            _train_from_bundle(config, bundle, keyserver, attestation, dev_key, resume, resume_step)
 
 
-_OPERATIONAL = ("workers", "in_process_workers", "worker_timeout", "out", "progress")  # the host's, not the run's
+_OPERATIONAL = ("workers", "in_process_workers", "worker_timeout", "out", "progress",
+                "checkpoint_every")  # the host's choices, not the run's
 
 
 def _train_from_bundle(cli: TrainConfig, bundle: Path, keyserver: str | None, attestation: str | None,
-                       dev_key: Path | None) -> None:
+                       dev_key: Path | None, resume: bool, resume_step: int | None) -> None:
     """The run the owner sealed: settings from the bundle (only where-and-how options from the command
     line), data in enclave memory, the final model sealed under the owner's key."""
     import dataclasses
 
     from ..attestation import dev
     from ..enclave.provision import provisioned
+    from ..sealed.checkpoints import SealedCheckpoints
     from ..sealed.model import seal_state
     from ..training.loop import train as run
+    from ..training.metrics import new_run_dir
 
     given = [f.name for f in dataclasses.fields(TrainConfig)
              if f.name not in _OPERATIONAL and getattr(cli, f.name) != getattr(_DEFAULTS, f.name)]
@@ -152,5 +168,8 @@ def _train_from_bundle(cli: TrainConfig, bundle: Path, keyserver: str | None, at
                                  **{name: getattr(cli, name) for name in _OPERATIONAL})
         except TypeError as e:
             raise ConfigError(f"the bundle's settings do not fit this Tempo: {e}") from None
-        run(config, save_model=lambda state, out_dir, step: seal_state(
-            state, out_dir / "model.sealed", p.data_key, run_id=p.run_id, step=step))
+        checkpoints = SealedCheckpoints(new_run_dir(config.out) / "checkpoints", p.data_key, p.run_id)
+        run(dataclasses.replace(config, out=checkpoints.folder.parent), resume=resume, resume_step=resume_step,
+            checkpoints=checkpoints,
+            save_model=lambda state, out_dir, step: seal_state(state, out_dir / "model.sealed", p.data_key,
+                                                               run_id=p.run_id, step=step))

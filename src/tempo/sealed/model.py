@@ -1,7 +1,9 @@
-"""Sealed models: a trained state_dict leaves the enclave only encrypted, bound to its run and step.
+"""Sealed states: a trained model or a checkpoint leaves the enclave only encrypted, bound to its run and step.
 
-The manifest records the bundle's run id and the training step, authenticated with the weights, so
-the owner (``tempo unseal``) knows exactly which run and step a file holds.
+The manifest records the bundle's run id and the training step, authenticated with the content,
+so the owner (``tempo unseal``) knows which run and step a model holds, and a resuming enclave
+refuses a checkpoint of another run or one replayed under a newer step's name. Models and
+checkpoints are sealed under different derived keys (their purpose): one cannot pass for the other.
 """
 
 from __future__ import annotations
@@ -11,16 +13,17 @@ import os
 from pathlib import Path
 
 import torch
-from torch import Tensor
 
 from ..errors import ConfigError, SealError
 from .stream import CHUNK_BYTES, Header, SealedReader, SealedWriter, new_run_id
 
 PURPOSE = "model"
+CHECKPOINT = "checkpoint"
 
 
-def seal_state(state: dict[str, Tensor], out: Path, data_key: bytes, *, run_id: str, step: int) -> Path:
-    """Write `state` sealed to `out` (a temporary name first, renamed when complete)."""
+def seal_state(state: dict, out: Path, data_key: bytes, *, run_id: str, step: int, purpose: str = PURPOSE) -> Path:
+    """Write `state` (anything ``torch.save`` with ``weights_only`` loading can hold) sealed to `out`,
+    under a temporary name first, renamed when complete."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
     payload = buffer.getvalue()
@@ -29,7 +32,7 @@ def seal_state(state: dict[str, Tensor], out: Path, data_key: bytes, *, run_id: 
     partial = out.with_name(out.name + ".partial")
     try:
         with partial.open("wb") as f:
-            writer = SealedWriter(f, data_key, Header(PURPOSE, new_run_id()), {"run_id": run_id, "step": step,
+            writer = SealedWriter(f, data_key, Header(purpose, new_run_id()), {"run_id": run_id, "step": step,
                                                                                  "bytes": len(payload)}, len(chunks))
             for chunk in chunks:
                 writer.write(chunk)
@@ -42,14 +45,14 @@ def seal_state(state: dict[str, Tensor], out: Path, data_key: bytes, *, run_id: 
     return out
 
 
-def open_state(path: Path, data_key: bytes) -> tuple[dict, dict[str, Tensor]]:
-    """(manifest: run_id and step, the state_dict) of a sealed model; SealError if anything is off."""
+def open_state(path: Path, data_key: bytes, purpose: str = PURPOSE) -> tuple[dict, dict]:
+    """(manifest: run_id and step, the state) of a sealed model or checkpoint; SealError if anything is off."""
     try:
         f = Path(path).open("rb")
     except OSError as e:
         raise ConfigError(f"cannot open sealed model {path}: {e.strerror}") from None
     with f:
-        reader = SealedReader(f, data_key, name=str(path), purpose=PURPOSE)
+        reader = SealedReader(f, data_key, name=str(path), purpose=purpose)
         payload = b"".join(reader)
     if len(payload) != reader.manifest.get("bytes"):
         raise SealError(f"{path}: {len(payload)} bytes of weights, the manifest says {reader.manifest.get('bytes')}")

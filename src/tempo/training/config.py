@@ -62,6 +62,7 @@ class TrainConfig:
     record_steps: int = 10  # keep the last this many training steps of the recording
     record_until: int | None = None  # stop recording after this training step (None: record to the end)
     init_weights: Path | None = None  # a state_dict to start from instead of the seed's initialisation
+    checkpoint_every: int = 0  # write a checkpoint every this many training steps (0: none)
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -76,7 +77,8 @@ class TrainConfig:
                 object.__setattr__(self, name, Path(getattr(self, name)))
         problems = [f"{name} must be >= {low}, got {getattr(self, name)}"
                     for name, low in (("epochs", 1), ("batch_size", 1), ("workers", 1), ("checks", 0),
-                                      ("key_lifetime", 1), ("synthetic_classes", 2), ("record_steps", 1))
+                                      ("key_lifetime", 1), ("synthetic_classes", 2), ("record_steps", 1),
+                                      ("checkpoint_every", 0))
                     if getattr(self, name) < low]
         problems += [f"{name} must be >= 1 (or unset), got {getattr(self, name)}"
                      for name in ("train_subset", "test_subset", "image_size", "record_until")

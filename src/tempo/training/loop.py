@@ -11,6 +11,9 @@ of test accuracy higher than a constant rate (ResNet-18 on Fashion-MNIST, 2 x 15
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import pickle
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -24,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ..errors import ConfigError
+from .checkpoints import CheckpointStore, PlainCheckpoints
 from .config import Mode, TrainConfig
 from .data import LoadedData, load_data
 from .metrics import EPOCH_FIELDS, STEP_FIELDS, MetricsTable, new_run_dir
@@ -90,13 +94,22 @@ def save_plain(state: dict[str, Tensor], out_dir: Path, step: int) -> Path:
 
 
 def train(config: TrainConfig, *, log: Callable[[str], None] = print,
-          save_model: Callable[[dict[str, Tensor], Path, int], Path] = save_plain) -> RunResult:
+          save_model: Callable[[dict[str, Tensor], Path, int], Path] = save_plain,
+          checkpoints: CheckpointStore | None = None, resume: bool = False, resume_step: int | None = None
+          ) -> RunResult:
     """Run `config` to the end; write metrics, config and the final model (through `save_model`, which
-    gets the state_dict, the run folder and the step count); return the metrics."""
+    gets the state_dict, the run folder and the step count); return the metrics.
+
+    With ``config.checkpoint_every`` a checkpoint goes to `checkpoints` (default: plain files in the
+    run folder's ``checkpoints/``) every that many steps. `resume` continues the run in ``config.out``
+    from its newest checkpoint (or `resume_step`'s), to the same end as a run never stopped.
+    """
     if config.mode is Mode.TEMPO:
         from ..schemes import get_scheme
 
         get_scheme(config.scheme)  # refuse a bad name before any data is read or worker started
+    if resume and config.out is None:
+        raise ConfigError("--resume needs --out: the folder of the run to continue")
     data = load_data(config.dataset, model=config.model, data_dir=config.data_dir, seed=config.seed,
                      train_subset=config.train_subset, test_subset=config.test_subset,
                      image_size=config.image_size, normalize=config.normalize,
@@ -110,6 +123,8 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print,
     if config.init_weights is not None:
         _load_initial(model, config.init_weights)
     out_dir = new_run_dir(config.out)
+    store = checkpoints or PlainCheckpoints(out_dir / "checkpoints")
+    resumed = _resumable(config, out_dir, store, resume_step) if resume else None
     (out_dir / "config.json").write_text(config.to_json() + "\n")
     if config.record is not None:
         config.record.mkdir(parents=True, exist_ok=True)
@@ -117,17 +132,40 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print,
     log(describe(config, data))
     start = time.perf_counter()
     with ExitStack() as stack:
-        steps = stack.enter_context(MetricsTable(out_dir, "steps", STEP_FIELDS))
-        epochs = stack.enter_context(MetricsTable(out_dir, "epochs", EPOCH_FIELDS))
+        steps = stack.enter_context(MetricsTable(out_dir, "steps", STEP_FIELDS, resumed["steps"] if resumed else ()))
+        epochs = stack.enter_context(MetricsTable(out_dir, "epochs", EPOCH_FIELDS,
+                                                  resumed["epochs"] if resumed else ()))
         net, device, traffic = stack.enter_context(_placement(config, model))
+        generator = torch.Generator().manual_seed(config.seed)
         loader = DataLoader(data.train, batch_size=config.batch_size, shuffle=True, drop_last=True,
-                            generator=torch.Generator().manual_seed(config.seed))
+                            generator=generator)
         optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * len(loader))
+        position = _Position(epoch=1)
+        if resumed is not None:
+            model.load_state_dict(resumed["model"])
+            optimizer.load_state_dict(resumed["optimizer"])
+            schedule.load_state_dict(resumed["schedule"])
+            torch.set_rng_state(resumed["torch_rng"])
+            position = _Position(**resumed["position"])
+            log(f"resumed from the checkpoint of step {resumed['step']} (epoch {position.epoch}, "
+                f"{position.batch} of {len(loader)} batches done)")
+
+        def checkpoint(step: int) -> None:
+            if config.checkpoint_every and step % config.checkpoint_every == 0:
+                store.save({"step": step, "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                            "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                            "torch_rng": torch.get_rng_state(), "position": dataclasses.asdict(position),
+                            "steps": steps.rows, "epochs": epochs.rows}, step)
+
         trainer = _Trainer(net, device, optimizer, schedule, traffic)
-        for epoch in range(1, config.epochs + 1):
+        for epoch in range(position.epoch, config.epochs + 1):
+            if position.batch == 0:
+                position.loader_rng = generator.get_state()  # this epoch's order, as a resumed run redraws it
+            else:
+                generator.set_state(position.loader_rng)
             epoch_start = time.perf_counter()
-            train_loss, train_acc = trainer.epoch(loader, steps, epoch, config)
+            train_loss, train_acc = trainer.epoch(loader, steps, epoch, config, position, checkpoint)
             eval_start = time.perf_counter()
             test_loss, test_acc = evaluate(net, data.test, device, progress=config.progress)
             epochs.add({"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc,
@@ -135,6 +173,7 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print,
                         "epoch_time_s": eval_start - epoch_start, "eval_time_s": time.perf_counter() - eval_start})
             log(f"epoch {epoch}/{config.epochs}: train loss {train_loss:.4f} acc {train_acc:.2%}, "
                 f"test loss {test_loss:.4f} acc {test_acc:.2%}")
+            position = _Position(epoch=epoch + 1)
     saved = save_model({k: v.detach().cpu() for k, v in model.state_dict().items()}, out_dir,
                        config.epochs * len(loader))
     result = RunResult(out_dir, steps.rows, epochs.rows, time.perf_counter() - start)
@@ -144,11 +183,40 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print,
     return result
 
 
+_RESUME_FREE = ("out", "progress", "workers", "in_process_workers", "worker_timeout", "checkpoint_every",
+                "data_dir", "init_weights")  # where and how a run executes, not what it computes
+
+
+def _resumable(config: TrainConfig, out_dir: Path, store: CheckpointStore, step: int | None) -> dict:
+    """The checkpoint to resume from, after checking that `out_dir` holds a run of these same settings."""
+    try:
+        before = json.loads((out_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        raise ConfigError(f"{out_dir} holds no run to resume (no readable config.json)") from None
+    now = json.loads(config.to_json())
+    changed = sorted(k for k in now if k not in _RESUME_FREE and before.get(k) != now[k])
+    if changed:
+        raise ConfigError(f"the run in {out_dir} had other settings: {changed} differ; resume with the same ones")
+    return store.resume(step)
+
+
+@dataclass
+class _Position:
+    """Where a run is: the epoch, batches done in it, their running sums, and the epoch's data order."""
+
+    epoch: int
+    batch: int = 0
+    seen: int = 0
+    correct: int = 0
+    loss_sum: float = 0.0
+    loader_rng: Tensor | None = None  # the loader generator's state at the epoch's start
+
+
 def _load_initial(model: nn.Module, path: Path) -> None:
     """Start from the state_dict at `path`; every key must match the architecture exactly."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError) as e:
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
         raise ConfigError(f"cannot load initial weights {path}: {e}") from None
     if not isinstance(state, dict):
         raise ConfigError(f"initial weights {path} hold a {type(state).__name__}, not a state_dict")
@@ -182,24 +250,34 @@ class _Trainer:
         self.schedule.step()
         return loss.item(), int((logits.argmax(1) == y).sum())
 
-    def epoch(self, loader: DataLoader, steps: MetricsTable, epoch: int, config: TrainConfig) -> tuple[float, float]:
-        """Mean loss and accuracy over the epoch's batches; one metrics row per step."""
+    def epoch(self, loader: DataLoader, steps: MetricsTable, epoch: int, config: TrainConfig, position: _Position,
+              checkpoint: Callable[[int], None]) -> tuple[float, float]:
+        """Mean loss and accuracy over the epoch's batches; one metrics row per step; `checkpoint` after each.
+
+        Batches before ``position.batch`` were trained before the checkpoint this run resumed from:
+        they are drawn (so the order matches) and skipped."""
         self.net.train()
-        seen = correct = 0
-        loss_sum = 0.0
-        with tqdm(total=len(loader) * config.batch_size, desc=f"epoch {epoch}/{config.epochs}", unit="img",
-                  disable=not config.progress, dynamic_ncols=True) as bar:
-            for x, y in loader:
+        with tqdm(total=len(loader) * config.batch_size, initial=position.batch * config.batch_size,
+                  desc=f"epoch {epoch}/{config.epochs}", unit="img", disable=not config.progress,
+                  dynamic_ncols=True) as bar:
+            for index, (x, y) in enumerate(loader):
+                if index < position.batch:
+                    continue
                 start, (sent, received) = time.perf_counter(), self.traffic()
                 batch_loss, batch_correct = self.step(x, y)
                 elapsed, (now_sent, now_received) = time.perf_counter() - start, self.traffic()
                 steps.add({"step": len(steps.rows) + 1, "epoch": epoch, "loss": batch_loss,
                            "accuracy": batch_correct / len(y), "step_time_s": elapsed,
                            "bytes_sent": now_sent - sent, "bytes_received": now_received - received})
-                seen, correct, loss_sum = seen + len(y), correct + batch_correct, loss_sum + batch_loss * len(y)
+                position.batch += 1
+                position.seen += len(y)
+                position.correct += batch_correct
+                position.loss_sum += batch_loss * len(y)
+                checkpoint(len(steps.rows))
                 bar.update(len(y))
-                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.2%}", refresh=False)
-        return loss_sum / seen, correct / seen
+                bar.set_postfix(loss=f"{position.loss_sum / position.seen:.4f}",
+                                acc=f"{position.correct / position.seen:.2%}", refresh=False)
+        return position.loss_sum / position.seen, position.correct / position.seen
 
 
 @torch.no_grad()

@@ -21,15 +21,19 @@ EPOCH_FIELDS = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accu
 
 
 class MetricsTable:
-    """``<name>.jsonl`` and ``<name>.csv`` in `out_dir`, with fixed columns; rows also kept in memory."""
+    """``<name>.jsonl`` and ``<name>.csv`` in `out_dir`, with fixed columns; rows also kept in memory.
 
-    def __init__(self, out_dir: Path, name: str, fields: Sequence[str]):
+    `rows` are written first: a resumed run's metrics up to its checkpoint."""
+
+    def __init__(self, out_dir: Path, name: str, fields: Sequence[str], rows: Sequence[dict[str, Any]] = ()):
         self.fields = tuple(fields)
         self.rows: list[dict[str, Any]] = []
         self._jsonl = (out_dir / f"{name}.jsonl").open("w")
         self._csv_file = (out_dir / f"{name}.csv").open("w", newline="")
         self._csv = csv.DictWriter(self._csv_file, fieldnames=self.fields)
         self._csv.writeheader()
+        for row in rows:
+            self.add(dict(row))
 
     def add(self, row: dict[str, Any]) -> None:
         if set(row) != set(self.fields):
