@@ -52,7 +52,8 @@ def _standard(t: Tensor, dim: int) -> Tensor:
     return t / t.norm(dim=dim, keepdim=True).clamp_min(1e-300)
 
 
-def _assign(cost: Tensor) -> Tensor:
+def assign(cost: Tensor) -> Tensor:
+    """The minimum-cost one-to-one pairing of rows with columns: for each row, its column."""
     rows, cols = linear_sum_assignment(cost.numpy())
     match = torch.empty(len(rows), dtype=torch.long)
     match[torch.as_tensor(rows)] = torch.as_tensor(cols)
@@ -69,10 +70,10 @@ def match_graphs(a: Tensor, b: Tensor, rounds: int = ROUNDS) -> Tensor:
     k = min(SIGNATURE, len(a) - 1)
     sig_a = _standard(a.sort(dim=1, descending=True).values[:, :k], 0)
     sig_b = _standard(b.sort(dim=1, descending=True).values[:, :k], 0)
-    match = _assign(torch.cdist(sig_a, sig_b))
+    match = assign(torch.cdist(sig_a, sig_b))
     for _ in range(rounds):
         # node i of `a` against node j of `b`: their similarities to the nodes paired so far, in pair order
-        match = _assign(-(_standard(a, 1) @ _standard(b[:, match], 1).T))
+        match = assign(-(_standard(a, 1) @ _standard(b[:, match], 1).T))
     return match
 
 

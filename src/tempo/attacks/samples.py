@@ -16,13 +16,12 @@ the fraction of samples linked to themselves. Random guess: 1/batch.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from .alignment import chosen_step
 from .base import AttackContext, Finding, NotApplicable
+from .gram import assign
 
 NAME = "samples"
 
@@ -47,10 +46,7 @@ def energy_maps(out: Tensor, nxt: Tensor) -> tuple[Tensor, Tensor]:
 def link(out: Tensor, nxt: Tensor) -> Tensor:
     """For each row of `out`, the row of `nxt` judged to be the same sample."""
     a, b = energy_maps(out, nxt)
-    rows, cols = linear_sum_assignment(-(a @ b.T).numpy())
-    match = torch.empty(len(rows), dtype=torch.long)
-    match[torch.as_tensor(rows)] = torch.as_tensor(cols)
-    return match
+    return assign(-(a @ b.T))
 
 
 def run(ctx: AttackContext) -> Finding:

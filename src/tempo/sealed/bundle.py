@@ -11,13 +11,12 @@ from __future__ import annotations
 import collections
 import itertools
 import json
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from ..errors import ConfigError, SealError
-from .stream import CHUNK_BYTES, Header, SealedReader, SealedWriter, new_run_id
+from .stream import CHUNK_BYTES, Header, SealedReader, SealedWriter, atomic_output, new_run_id
 
 PURPOSE = "bundle"
 WEIGHTS_NAME = "initial_weights.pt"  # where a bundle keeps optional initial weights (outside data/)
@@ -47,7 +46,7 @@ def seal_bundle(data_dir: Path, config: dict, out: Path, data_key: bytes, *, wei
                 progress: Callable[[int], None] = lambda n: None, chunk_bytes: int = CHUNK_BYTES) -> str:
     """Seal `data_dir`'s files, `config` (a run's settings as JSON-able values) and `weights` into `out`.
 
-    Written to a temporary name and renamed when complete, so `out` is never a half-written bundle.
+    Written under a temporary name and renamed when complete, so `out` is never a half-written bundle.
     `progress` is called with the plaintext bytes of each record sealed. Returns the bundle's run id.
     """
     sources = _data_files(Path(data_dir))
@@ -58,25 +57,17 @@ def seal_bundle(data_dir: Path, config: dict, out: Path, data_key: bytes, *, wei
     entries = [Entry(name, path.stat().st_size, _records(path.stat().st_size, chunk_bytes)) for path, name in sources]
     header = Header(PURPOSE, new_run_id(), chunk_bytes)
     manifest = {"config": config, "files": [vars(e) for e in entries]}
-    out = Path(out)
-    partial = out.with_name(out.name + ".partial")
-    try:
-        with partial.open("wb") as f:
-            writer = SealedWriter(f, data_key, header, manifest, sum(e.records for e in entries))
-            for (path, _), entry in zip(sources, entries, strict=True):
-                with path.open("rb") as src:
-                    for _ in range(entry.records):
-                        chunk = src.read(chunk_bytes)
-                        if not chunk:
-                            raise ConfigError(f"{path} shrank while it was being sealed")
-                        writer.write(chunk)
-                        progress(len(chunk))
-            writer.close()
-            f.flush()
-            os.fsync(f.fileno())
-        partial.replace(out)
-    finally:
-        partial.unlink(missing_ok=True)
+    with atomic_output(out) as f:
+        writer = SealedWriter(f, data_key, header, manifest, sum(e.records for e in entries))
+        for (path, _), entry in zip(sources, entries, strict=True):
+            with path.open("rb") as src:
+                for _ in range(entry.records):
+                    chunk = src.read(chunk_bytes)
+                    if not chunk:
+                        raise ConfigError(f"{path} shrank while it was being sealed")
+                    writer.write(chunk)
+                    progress(len(chunk))
+        writer.close()
     return header.run_id
 
 

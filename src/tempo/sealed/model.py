@@ -9,13 +9,12 @@ checkpoints are sealed under different derived keys (their purpose): one cannot 
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 
 import torch
 
 from ..errors import ConfigError, SealError
-from .stream import CHUNK_BYTES, Header, SealedReader, SealedWriter, new_run_id
+from .stream import CHUNK_BYTES, Header, SealedReader, SealedWriter, atomic_output, new_run_id
 
 PURPOSE = "model"
 CHECKPOINT = "checkpoint"
@@ -28,20 +27,12 @@ def seal_state(state: dict, out: Path, data_key: bytes, *, run_id: str, step: in
     torch.save(state, buffer)
     payload = buffer.getvalue()
     chunks = [payload[i:i + CHUNK_BYTES] for i in range(0, len(payload), CHUNK_BYTES)]
-    out = Path(out)
-    partial = out.with_name(out.name + ".partial")
-    try:
-        with partial.open("wb") as f:
-            writer = SealedWriter(f, data_key, Header(purpose, new_run_id()), {"run_id": run_id, "step": step,
-                                                                                 "bytes": len(payload)}, len(chunks))
-            for chunk in chunks:
-                writer.write(chunk)
-            writer.close()
-            f.flush()
-            os.fsync(f.fileno())
-        partial.replace(out)
-    finally:
-        partial.unlink(missing_ok=True)
+    with atomic_output(out) as f:
+        writer = SealedWriter(f, data_key, Header(purpose, new_run_id()), {"run_id": run_id, "step": step,
+                                                                             "bytes": len(payload)}, len(chunks))
+        for chunk in chunks:
+            writer.write(chunk)
+        writer.close()
     return out
 
 

@@ -21,6 +21,7 @@ import json
 import os
 import struct
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -195,6 +196,22 @@ class SealedReader:
             raise SealError(f"{self.name}: the manifest announces no records but is not marked last")
         if self._in.read(1):
             raise SealError(f"{self.name} has bytes after its last record: the file was altered")
+
+
+@contextmanager
+def atomic_output(out: Path) -> Iterator[BinaryIO]:
+    """A file for `out`, written under a temporary name and renamed (after fsync) only when the block
+    completes: a crash or an error never leaves a half-written sealed file under the real name."""
+    out = Path(out)
+    partial = out.with_name(out.name + ".partial")
+    try:
+        with partial.open("wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        partial.replace(out)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def new_run_id() -> str:
