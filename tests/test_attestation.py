@@ -9,6 +9,7 @@ import sys
 import threading
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from tempo.attestation import dev
 from tempo.attestation.evidence import Evidence, report_data
-from tempo.attestation.release import KeyServer, Policy, _receive, _send, request_key
+from tempo.attestation.policy import Policy
+from tempo.attestation.release import KeyServer, _receive, _send, request_key
 from tempo.errors import AttestationError
 from tempo.sealed.stream import new_data_key, write_key_file
 from test_cli import assert_one_line_error, invoke
@@ -31,20 +33,29 @@ def signing_key(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture
-def server(signing_key) -> Iterator[tuple[str, KeyServer, list[str]]]:
-    """A key server on a free loopback port that expects this Tempo's measurement and trusts the dev key."""
+@contextmanager
+def serving(policy: Policy) -> Iterator[tuple[str, KeyServer, list[str]]]:
+    """A key server with `policy` on a free loopback port: (address, server, its log)."""
     log: list[str] = []
-    public = dev.public_key_hex(dev.load_signing_key(signing_key))
-    ks = KeyServer(DATA_KEY, Policy(frozenset({dev.measure()}), frozenset({public})), log=log.append, timeout=5)
+    ks = KeyServer(DATA_KEY, policy, log=log.append, timeout=5)
     host, port = ks.bind("127.0.0.1", 0)
     stop = threading.Event()
     thread = threading.Thread(target=ks.serve_forever, args=(stop,), daemon=True)
     thread.start()
-    yield f"{host}:{port}", ks, log
-    stop.set()
-    thread.join()
-    ks.close()
+    try:
+        yield f"{host}:{port}", ks, log
+    finally:
+        stop.set()
+        thread.join()
+        ks.close()
+
+
+@pytest.fixture
+def server(signing_key) -> Iterator[tuple[str, KeyServer, list[str]]]:
+    """A key server that expects this Tempo's measurement and trusts the dev key."""
+    public = dev.public_key_hex(dev.load_signing_key(signing_key))
+    with serving(Policy(frozenset({dev.measure()}), frozenset({public}))) as running:
+        yield running
 
 
 def _attester(path: Path, measurement: str | None = None) -> dev.DevAttester:
@@ -222,3 +233,31 @@ def test_keyserver_and_measure_commands(tmp_path, signing_key):
 
     assert_one_line_error(invoke("keyserver", "--key", str(tmp_path / "data.key"), "--expect", "xyz"), 2,
                           "is not a hex measurement")
+
+
+def test_hardware_evidence_is_checked_against_the_key_servers_vendor_roots():
+    """The whole handshake with a TDX quote (built here: no TDX hardware) chained to the server's root."""
+    from tempo.attestation import dcap
+    from test_attestation_dcap import TDX_MEASUREMENT, Build, make_pki, make_quote
+
+    intel, impostor = make_pki(), make_pki("Not Intel")
+    with serving(Policy(frozenset({TDX_MEASUREMENT}), roots=(intel.root,))) as (address, ks, log):
+        genuine = dcap.TdxAttester(lambda data: make_quote(intel, "tdx", Build(report_data=data)))
+        assert request_key(address, genuine, timeout=5) == DATA_KEY
+        forged = dcap.TdxAttester(lambda data: make_quote(impostor, "tdx", Build(report_data=data)))
+        with pytest.raises(AttestationError, match="refused to release the key"):
+            request_key(address, forged, timeout=5)
+        _wait_for(log, 2)
+        assert ks.granted == 1 and ks.refused == 1
+    with serving(Policy(frozenset({TDX_MEASUREMENT}))) as (address, _, _):
+        with pytest.raises(AttestationError, match="no vendor root"):
+            request_key(address, genuine, timeout=5)
+
+
+def test_the_keyserver_command_needs_a_root_of_trust(tmp_path):
+    write_key_file(tmp_path / "data.key", DATA_KEY)
+    assert_one_line_error(invoke("keyserver", "--key", str(tmp_path / "data.key"), "--expect", "ab"), 2,
+                          "give --trust-root")
+    (tmp_path / "root.pem").write_text("not a certificate")
+    assert_one_line_error(invoke("keyserver", "--key", str(tmp_path / "data.key"), "--expect", "ab",
+                                 "--trust-root", str(tmp_path / "root.pem")), 2, "holds no PEM certificate")

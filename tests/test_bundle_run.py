@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from tempo.attestation import dev
-from tempo.attestation.release import KeyServer, Policy
+from tempo.attestation.policy import Policy
+from tempo.attestation.release import KeyServer
 from tempo.sealed.model import open_state
 from tempo.sealed.stream import read_key_file
 from tempo.training.config import DEFAULT_FASHION_MNIST_DIR, TrainConfig

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from ..errors import AttestationError
 
@@ -43,3 +43,11 @@ class Evidence:
             raise AttestationError("evidence is malformed: it needs backend, a hex measurement and "
                                    f"{REPORT_DATA_BYTES} bytes of hex report_data") from None
         return evidence
+
+
+class Attester(Protocol):
+    """An enclave-side evidence source: a TEE's report (or the dev signature) over 64 bytes of report data."""
+
+    backend: str
+
+    def evidence(self, report_data: bytes) -> Evidence: ...

@@ -24,8 +24,6 @@ import socket
 import struct
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
@@ -34,36 +32,12 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ..errors import AttestationError, ConfigError
-from . import dev
-from .evidence import Evidence, report_data
+from .evidence import Attester, Evidence, report_data
+from .policy import Policy
 
 VERSION = 1
 _MAX_MESSAGE = 1 << 20  # a quote with its certificate chain is well under this
 _INFO = b"tempo/key-release/v1/wrap"
-
-
-class Attester(Protocol):
-    backend: str
-
-    def evidence(self, report_data: bytes) -> Evidence: ...
-
-
-@dataclass(frozen=True)
-class Policy:
-    """What the key server accepts: these measurements, from these backends' roots of trust."""
-
-    measurements: frozenset[str]
-    dev_keys: frozenset[str] = field(default_factory=frozenset)  # trusted dev signing keys (hex)
-
-    def check(self, evidence: Evidence) -> None:
-        if evidence.backend == dev.BACKEND:
-            if not self.dev_keys:
-                raise AttestationError("this key server does not accept the dev backend (no --dev-trust key)")
-            dev.verify(evidence, self.dev_keys)
-        else:
-            raise AttestationError(f"attestation backend {evidence.backend!r} is not supported by this key server")
-        if evidence.measurement not in self.measurements:
-            raise AttestationError(f"measurement {evidence.measurement} is not the expected one")
 
 
 def _raw(public: X25519PublicKey) -> bytes:

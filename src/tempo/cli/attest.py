@@ -32,11 +32,15 @@ def keyserver(
     dev_trust: Annotated[list[str] | None, typer.Option(
         help="Accept dev-backend evidence signed by this public key (hex; repeatable). Proves nothing "
              "about hardware: for development only.")] = None,
+    trust_root: Annotated[list[Path] | None, typer.Option(
+        help="PEM file of a vendor root for hardware evidence (repeatable): Intel's SGX Provisioning "
+             "Certification root (sgx, tdx), AMD's ARK (sev-snp).")] = None,
 ) -> None:
     """Release the data key to enclaves whose attestation evidence shows an expected measurement."""
     with reported_errors():
         from ..attestation import dev
-        from ..attestation.release import KeyServer, Policy, parse_address
+        from ..attestation.policy import Policy, load_roots
+        from ..attestation.release import KeyServer, parse_address
         from ..errors import ConfigError
         from ..sealed.stream import read_key_file
 
@@ -53,8 +57,11 @@ def keyserver(
                 raise ConfigError(f"--dev-trust {k!r} is not a 32-byte hex Ed25519 public key") from None
         if dev_trust:
             typer.echo(f"warning: {dev.WARNING}", err=True)
+        roots = tuple(c for path in trust_root or [] for c in load_roots(path))
+        if not roots and not dev_trust:
+            raise ConfigError("give --trust-root (vendor roots for sgx, tdx, sev-snp evidence) or --dev-trust")
         server = KeyServer(read_key_file(key), Policy(frozenset(m.lower() for m in expect),
-                                                      frozenset(k.lower() for k in dev_trust or [])),
+                                                      frozenset(k.lower() for k in dev_trust or []), roots),
                            log=lambda line: typer.echo(line, err=True))
         host, port = parse_address(listen)
         try:

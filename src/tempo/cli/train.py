@@ -93,8 +93,9 @@ def train(
              "that --keyserver releases after attestation; the final model is written sealed.")] = None,
     keyserver: Annotated[str | None, typer.Option(help="HOST:PORT of the owner's `tempo keyserver`.")] = None,
     attestation: Annotated[str | None, typer.Option(
-        help="Attestation backend for --keyserver: dev (a software measurement signed with --dev-key; "
-             "proves nothing about hardware).")] = None,
+        help="Attestation backend for --keyserver: sgx (under Gramine), tdx or sev-snp (confidential VMs, "
+             "configfs-tsm), or dev (a software measurement signed with --dev-key: proves nothing about "
+             "hardware). The hardware backends have not been run on hardware yet.")] = None,
     dev_key: Annotated[Path | None, typer.Option(help="Signing key of the dev backend (`tempo measure --dev-key`).")
                        ] = None,
 ) -> None:
@@ -140,7 +141,7 @@ def _train_from_bundle(cli: TrainConfig, bundle: Path, keyserver: str | None, at
     line), data in enclave memory, the final model sealed under the owner's key."""
     import dataclasses
 
-    from ..attestation import dev
+    from ..attestation.attesters import ATTESTATION_BACKENDS, attester
     from ..enclave.provision import provisioned
     from ..sealed.checkpoints import SealedCheckpoints
     from ..sealed.model import seal_state
@@ -153,13 +154,11 @@ def _train_from_bundle(cli: TrainConfig, bundle: Path, keyserver: str | None, at
         raise ConfigError(f"with --bundle the run's settings come from the bundle; drop {given}")
     if keyserver is None:
         raise ConfigError("--bundle needs --keyserver HOST:PORT: the data key is released only after attestation")
-    if attestation != "dev":
-        raise ConfigError("--bundle needs --attestation: only 'dev' exists so far (sgx, tdx and sev-snp are not "
-                          "written yet)")
-    if dev_key is None:
-        raise ConfigError("--attestation dev needs --dev-key FILE (`tempo measure --dev-key FILE` makes one)")
-    attester = dev.DevAttester(dev.load_signing_key(dev_key))
-    with provisioned(bundle, keyserver, attester, log=lambda line: typer.echo(line, err=True)) as p:
+    if attestation is None:
+        raise ConfigError(f"--bundle needs --attestation, one of {list(ATTESTATION_BACKENDS)} (dev proves nothing "
+                          "about hardware)")
+    evidence_source = attester(attestation, dev_key=dev_key)
+    with provisioned(bundle, keyserver, evidence_source, log=lambda line: typer.echo(line, err=True)) as p:
         sealed = set(p.config) & set(_OPERATIONAL)
         if sealed:
             raise ConfigError(f"the bundle's settings name host options {sorted(sealed)}; seal it without them")
