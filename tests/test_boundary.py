@@ -16,12 +16,12 @@ def test_importing_the_worker_loads_no_enclave_code():
     loaded = eval(out)  # a list literal of module names
     assert "tempo.worker" in loaded
     forbidden = [m for m in loaded if m.split(".")[1:2] and m.split(".")[1] in
-                 {"enclave", "schemes", "attacks", "training", "cli", "testing", "sealed"}]
+                 {"enclave", "schemes", "attacks", "training", "cli", "testing", "sealed", "attestation"}]
     assert not forbidden, f"the worker side loaded {forbidden}"
 
 
 def test_worker_sources_import_nothing_from_the_enclave():
     for path in (SRC / "worker").rglob("*.py"):
         text = path.read_text()
-        for banned in ("enclave", "schemes", "training", "testing", "sealed"):
+        for banned in ("enclave", "schemes", "training", "testing", "sealed", "attestation"):
             assert f"from ..{banned}" not in text and f"tempo.{banned}" not in text, f"{path} imports {banned}"
