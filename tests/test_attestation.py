@@ -17,8 +17,10 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from tempo.attestation import dev
 from tempo.attestation.evidence import Evidence, report_data
+from tempo.attestation.framing import receive as _receive
+from tempo.attestation.framing import send as _send
 from tempo.attestation.policy import Policy
-from tempo.attestation.release import KeyServer, _receive, _send, request_key
+from tempo.attestation.release import KeyServer, request_key
 from tempo.errors import AttestationError
 from tempo.sealed.stream import new_data_key, write_key_file
 from test_cli import assert_one_line_error, invoke
@@ -34,10 +36,10 @@ def signing_key(tmp_path_factory) -> Path:
 
 
 @contextmanager
-def serving(policy: Policy) -> Iterator[tuple[str, KeyServer, list[str]]]:
-    """A key server with `policy` on a free loopback port: (address, server, its log)."""
+def serving(policy: Policy, ledger=None) -> Iterator[tuple[str, KeyServer, list[str]]]:
+    """A key server with `policy` (and `ledger`) on a free loopback port: (address, server, its log)."""
     log: list[str] = []
-    ks = KeyServer(DATA_KEY, policy, log=log.append, timeout=5)
+    ks = KeyServer(DATA_KEY, policy, ledger=ledger, log=log.append, timeout=5)
     host, port = ks.bind("127.0.0.1", 0)
     stop = threading.Event()
     thread = threading.Thread(target=ks.serve_forever, args=(stop,), daemon=True)
@@ -261,3 +263,23 @@ def test_the_keyserver_command_needs_a_root_of_trust(tmp_path):
     (tmp_path / "root.pem").write_text("not a certificate")
     assert_one_line_error(invoke("keyserver", "--key", str(tmp_path / "data.key"), "--expect", "ab",
                                  "--trust-root", str(tmp_path / "root.pem")), 2, "holds no PEM certificate")
+
+
+def test_the_checkpoint_ledger_only_moves_forward_and_only_for_the_key_holder(tmp_path):
+    from tempo.attestation.ledger import Ledger, LedgerClient
+
+    path, policy = tmp_path / "ledger.json", Policy(frozenset(), frozenset({"00" * 32}))
+    with serving(policy, Ledger(path)) as (address, _, _):
+        client = LedgerClient(address, DATA_KEY, "run-1", timeout=5)
+        assert client.latest() is None
+        client.record(10, "aa")
+        client.record(5, "bb")  # a replayed older report changes nothing
+        assert client.latest() == Ledger(path).latest("run-1") and client.latest().step == 10
+        with pytest.raises(AttestationError, match="tag does not verify"):
+            LedgerClient(address, new_data_key(), "run-1", timeout=5).record(99, "cc")  # no data key, no say
+        with pytest.raises(AttestationError, match="does not verify: replayed or forged"):
+            LedgerClient(address, new_data_key(), "run-1", timeout=5).latest()
+        assert LedgerClient(address, DATA_KEY, "run-2", timeout=5).latest() is None
+    with serving(Policy(frozenset({"ab"}), frozenset({"00" * 32}))) as (address, _, _):
+        with pytest.raises(AttestationError, match="keeps no checkpoint ledger"):
+            LedgerClient(address, DATA_KEY, "run-1", timeout=5).latest()

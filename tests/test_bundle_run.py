@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tempo.attestation import dev
+from tempo.attestation.ledger import Ledger
 from tempo.attestation.policy import Policy
 from tempo.attestation.release import KeyServer
 from tempo.sealed.model import open_state
@@ -38,11 +39,11 @@ def sealed(tmp_path_factory) -> tuple[Path, Path, Path]:
 
 
 @pytest.fixture
-def keyserver(sealed) -> Iterator[tuple[str, list[str]]]:
+def keyserver(sealed, tmp_path) -> Iterator[tuple[str, list[str]]]:
     def start(measurement: str) -> str:
         public = dev.public_key_hex(dev.load_signing_key(sealed[2]))
         ks = KeyServer(read_key_file(sealed[1]), Policy(frozenset({measurement}), frozenset({public})),
-                       log=log.append, timeout=10)
+                       ledger=Ledger(tmp_path / "ledger.json"), log=log.append, timeout=10)
         host, port = ks.bind("127.0.0.1", 0)
         thread = threading.Thread(target=ks.serve_forever, args=(stop,), daemon=True)
         thread.start()
@@ -139,3 +140,16 @@ def test_sealed_checkpoints_resume_and_refuse_tampering_or_replay(sealed, keyser
 def open_state_bytes(data: bytes, key: bytes, tmp_path: Path):
     (tmp_path / "copy.sealed").write_bytes(data)
     return open_state(tmp_path / "copy.sealed", key)
+
+
+def test_deleting_the_newest_checkpoints_is_caught_by_the_key_servers_ledger(sealed, keyserver, tmp_path):
+    start, log = keyserver
+    address, run = start(dev.measure()), tmp_path / "run"
+    r = _train_bundle(sealed, address, run, "--checkpoint-every", "2")
+    assert r.returncode == 0, r.stderr
+    assert sum("recorded checkpoint step" in line for line in log) == 2
+    (run / "checkpoints" / "step-00000004.sealed").unlink()  # the cloud hides the newest
+    assert_one_line_error(_train_bundle(sealed, address, run, "--checkpoint-every", "2", "--resume"), 2,
+                          "recorded a checkpoint of step 4, but the newest here is step 2", "rollback")
+    r = _train_bundle(sealed, address, run, "--checkpoint-every", "2", "--resume", "--resume-step", "2")
+    assert r.returncode == 0, r.stderr  # the owner's explicit choice

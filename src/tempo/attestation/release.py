@@ -18,10 +18,8 @@ another session does not decrypt.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
-import struct
 import threading
 from collections.abc import Callable
 
@@ -32,11 +30,13 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ..errors import AttestationError, ConfigError
+from . import ledger
 from .evidence import Attester, Evidence, report_data
+from .framing import field, receive, send
+from .ledger import Ledger, ledger_key
 from .policy import Policy
 
 VERSION = 1
-_MAX_MESSAGE = 1 << 20  # a quote with its certificate chain is well under this
 _INFO = b"tempo/key-release/v1/wrap"
 
 
@@ -51,48 +51,6 @@ def _wrapping_key(own: X25519PrivateKey, other: bytes, challenge: bytes, client:
     except ValueError:  # a low-order point: no shared secret (a peer trying to force a known one)
         raise AttestationError(f"{peer}'s X25519 public key is not usable") from None
     return AESGCM(HKDF(hashes.SHA256(), 32, salt=challenge, info=_INFO + client + server).derive(shared))
-
-
-# ---- framing -----------------------------------------------------------------------------------------
-
-def _send(sock: socket.socket, message: dict) -> None:
-    data = json.dumps(message).encode()
-    sock.sendall(struct.pack(">I", len(data)) + data)
-
-
-def _receive(sock: socket.socket, peer: str) -> dict:
-    head = _exactly(sock, 4, peer)
-    (length,) = struct.unpack(">I", head)
-    if length > _MAX_MESSAGE:
-        raise AttestationError(f"{peer} sent a message of {length} bytes (limit {_MAX_MESSAGE})")
-    try:
-        message = json.loads(_exactly(sock, length, peer))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise AttestationError(f"{peer} sent a message that is not JSON") from None
-    if not isinstance(message, dict) or not isinstance(message.get("type"), str):
-        raise AttestationError(f"{peer} sent a message without a type")
-    return message
-
-
-def _exactly(sock: socket.socket, n: int, peer: str) -> bytes:
-    chunks, got = [], 0
-    while got < n:
-        chunk = sock.recv(n - got)
-        if not chunk:
-            raise AttestationError(f"{peer} closed the connection mid-handshake")
-        chunks.append(chunk)
-        got += len(chunk)
-    return b"".join(chunks)
-
-
-def _field(message: dict, name: str, peer: str, size: int | None = None) -> bytes:
-    try:
-        value = bytes.fromhex(str(message[name]))
-    except (KeyError, ValueError):
-        raise AttestationError(f"{peer} sent {message['type']!r} without a hex {name!r}") from None
-    if size is not None and len(value) != size:
-        raise AttestationError(f"{peer}'s {name!r} has {len(value)} bytes, expected {size}")
-    return value
 
 
 # ---- the enclave's side ------------------------------------------------------------------------------
@@ -112,26 +70,26 @@ def request_key(address: str, attester: Attester, *, timeout: float = 30.0) -> b
     public = _raw(ephemeral.public_key())
     try:
         with socket.create_connection((host, port), timeout=timeout) as sock:
-            _send(sock, {"type": "hello", "version": VERSION})
-            challenge_message = _receive(sock, peer)
+            send(sock, {"type": "hello", "version": VERSION})
+            challenge_message = receive(sock, peer)
             if challenge_message["type"] == "refused":
                 raise AttestationError(f"{peer} refused: {challenge_message.get('reason')}")
             if challenge_message["type"] != "challenge":
                 raise AttestationError(f"{peer} answered hello with {challenge_message['type']!r}")
-            challenge = _field(challenge_message, "nonce", peer, 32)
+            challenge = field(challenge_message, "nonce", peer, 32)
             evidence = attester.evidence(report_data(challenge, public))
-            _send(sock, {"type": "evidence", "public_key": public.hex(), "evidence": evidence.to_json()})
-            answer = _receive(sock, peer)
+            send(sock, {"type": "evidence", "public_key": public.hex(), "evidence": evidence.to_json()})
+            answer = receive(sock, peer)
     except OSError as e:
         raise AttestationError(f"cannot reach {peer}: {e}") from None
     if answer["type"] == "refused":
         raise AttestationError(f"{peer} refused to release the key: {answer.get('reason')}")
     if answer["type"] != "key":
         raise AttestationError(f"{peer} answered the evidence with {answer['type']!r}")
-    server = _field(answer, "server_public_key", peer, 32)
+    server = field(answer, "server_public_key", peer, 32)
     wrapping = _wrapping_key(ephemeral, server, challenge, public, server, peer)
     try:
-        return wrapping.decrypt(_field(answer, "nonce", peer, 12), _field(answer, "wrapped", peer),
+        return wrapping.decrypt(field(answer, "nonce", peer, 12), field(answer, "wrapped", peer),
                                 challenge + bytes.fromhex(evidence.measurement))
     except InvalidTag:
         raise AttestationError(f"{peer}'s wrapped key does not decrypt for this session: the answer was "
@@ -141,11 +99,13 @@ def request_key(address: str, attester: Attester, *, timeout: float = 30.0) -> b
 # ---- the owner's side --------------------------------------------------------------------------------
 
 class KeyServer:
-    """Releases `data_key` to enclaves whose evidence satisfies `policy`; one thread per connection."""
+    """Releases `data_key` to enclaves whose evidence satisfies `policy`, and keeps their runs' checkpoint
+    `ledger` (:mod:`.ledger`) if given; one thread per connection."""
 
-    def __init__(self, data_key: bytes, policy: Policy, *, log: Callable[[str], None] = print,
-                 timeout: float = 30.0):
+    def __init__(self, data_key: bytes, policy: Policy, *, ledger: Ledger | None = None,
+                 log: Callable[[str], None] = print, timeout: float = 30.0):
         self._key, self.policy, self._log, self._timeout = data_key, policy, log, timeout
+        self._ledger, self._ledger_key = ledger, ledger_key(data_key)
         self._sock: socket.socket | None = None
         self.granted = self.refused = 0
         self._lock = threading.Lock()
@@ -175,12 +135,18 @@ class KeyServer:
         with conn:
             conn.settimeout(self._timeout)
             try:
-                measurement = self._handshake(conn, peer)
+                first = receive(conn, peer)
+                if first["type"] in ledger.TYPES:
+                    if self._ledger is None:
+                        raise AttestationError("this key server keeps no checkpoint ledger")
+                    self._log(ledger.serve(conn, peer, first, self._ledger_key, self._ledger))
+                    return
+                measurement = self._handshake(conn, peer, first)
             except AttestationError as e:
                 self._count(granted=False)
                 self._log(f"refused {peer}: {e}")
                 try:
-                    _send(conn, {"type": "refused", "reason": str(e)})
+                    send(conn, {"type": "refused", "reason": str(e)})
                 except OSError:
                     pass  # the peer is gone; the refusal is logged
             except OSError as e:
@@ -197,17 +163,16 @@ class KeyServer:
             else:
                 self.refused += 1
 
-    def _handshake(self, conn: socket.socket, peer: str) -> str:
-        hello = _receive(conn, peer)
+    def _handshake(self, conn: socket.socket, peer: str, hello: dict) -> str:
         if hello["type"] != "hello" or hello.get("version") != VERSION:
             raise AttestationError(f"expected hello version {VERSION}, got {hello['type']!r} version "
                                    f"{hello.get('version')!r}")
         challenge = os.urandom(32)  # this connection's only challenge: evidence for any other is refused
-        _send(conn, {"type": "challenge", "nonce": challenge.hex()})
-        message = _receive(conn, peer)
+        send(conn, {"type": "challenge", "nonce": challenge.hex()})
+        message = receive(conn, peer)
         if message["type"] != "evidence":
             raise AttestationError(f"expected evidence, got {message['type']!r}")
-        client = _field(message, "public_key", peer, 32)
+        client = field(message, "public_key", peer, 32)
         evidence = Evidence.from_json(message.get("evidence"))
         if bytes.fromhex(evidence.report_data) != report_data(challenge, client):
             raise AttestationError("the evidence is not bound to this session's challenge and key: stale or replayed")
@@ -217,5 +182,5 @@ class KeyServer:
         wrapping = _wrapping_key(ephemeral, client, challenge, client, server, peer)
         nonce = os.urandom(12)
         wrapped = wrapping.encrypt(nonce, self._key, challenge + bytes.fromhex(evidence.measurement))
-        _send(conn, {"type": "key", "server_public_key": server.hex(), "nonce": nonce.hex(), "wrapped": wrapped.hex()})
+        send(conn, {"type": "key", "server_public_key": server.hex(), "nonce": nonce.hex(), "wrapped": wrapped.hex()})
         return evidence.measurement

@@ -32,6 +32,9 @@ def keyserver(
     dev_trust: Annotated[list[str] | None, typer.Option(
         help="Accept dev-backend evidence signed by this public key (hex; repeatable). Proves nothing "
              "about hardware: for development only.")] = None,
+    ledger: Annotated[Path | None, typer.Option(
+        help="File where the newest checkpoint of each run is kept, so that a resumed run cannot be rolled back "
+             "by deleting checkpoints (default: KEY.ledger.json).")] = None,
     trust_root: Annotated[list[Path] | None, typer.Option(
         help="PEM file of a vendor root for hardware evidence (repeatable): Intel's SGX Provisioning "
              "Certification root (sgx, tdx), AMD's ARK (sev-snp).")] = None,
@@ -39,6 +42,7 @@ def keyserver(
     """Release the data key to enclaves whose attestation evidence shows an expected measurement."""
     with reported_errors():
         from ..attestation import dev
+        from ..attestation.ledger import Ledger
         from ..attestation.policy import Policy, load_roots
         from ..attestation.release import KeyServer, parse_address
         from ..errors import ConfigError
@@ -62,6 +66,7 @@ def keyserver(
             raise ConfigError("give --trust-root (vendor roots for sgx, tdx, sev-snp evidence) or --dev-trust")
         server = KeyServer(read_key_file(key), Policy(frozenset(m.lower() for m in expect),
                                                       frozenset(k.lower() for k in dev_trust or []), roots),
+                           ledger=Ledger(ledger or key.with_name(key.name + ".ledger.json")),
                            log=lambda line: typer.echo(line, err=True))
         host, port = parse_address(listen)
         try:

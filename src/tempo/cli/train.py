@@ -142,6 +142,7 @@ def _train_from_bundle(cli: TrainConfig, bundle: Path, keyserver: str | None, at
     import dataclasses
 
     from ..attestation.attesters import ATTESTATION_BACKENDS, attester
+    from ..attestation.ledger import LedgerClient
     from ..enclave.provision import provisioned
     from ..sealed.checkpoints import SealedCheckpoints
     from ..sealed.model import seal_state
@@ -167,7 +168,8 @@ def _train_from_bundle(cli: TrainConfig, bundle: Path, keyserver: str | None, at
                                  **{name: getattr(cli, name) for name in _OPERATIONAL})
         except TypeError as e:
             raise ConfigError(f"the bundle's settings do not fit this Tempo: {e}") from None
-        checkpoints = SealedCheckpoints(new_run_dir(config.out) / "checkpoints", p.data_key, p.run_id)
+        checkpoints = SealedCheckpoints(new_run_dir(config.out) / "checkpoints", p.data_key, p.run_id,
+                                        LedgerClient(keyserver, p.data_key, p.run_id))
         run(dataclasses.replace(config, out=checkpoints.folder.parent), resume=resume, resume_step=resume_step,
             checkpoints=checkpoints,
             save_model=lambda state, out_dir, step: seal_state(state, out_dir / "model.sealed", p.data_key,

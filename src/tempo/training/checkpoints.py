@@ -67,7 +67,10 @@ class CheckpointStore(ABC):
         return sorted(int(m.group(1)) for m in found if m)
 
     def resume(self, step: int | None = None) -> dict:
-        """The state to resume from: `step`'s, or the newest, refused if it is not valid."""
+        """The state to resume from: `step`'s, or the newest, refused if it is not valid.
+
+        Only the newest file can be judged here: a cloud that deleted newer ones is caught only by a
+        store that keeps a record elsewhere (``SealedCheckpoints`` with a ledger)."""
         steps = self.steps()
         if not steps:
             raise CheckpointError(f"no checkpoint to resume from in {self.folder}")
