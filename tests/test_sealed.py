@@ -161,3 +161,25 @@ def test_seal_checks_the_run_settings_on_the_owners_machine(data_dir, tmp_path, 
     r = invoke("seal", "--data", str(data_dir), "--model", str(config), "--out", str(tmp_path / "b"))
     assert r.returncode == 2 and message in r.stderr, r.stderr
     assert not (tmp_path / "b").exists() and not (tmp_path / "b.key").exists()
+
+
+@pytest.mark.parametrize("purpose", ["model", "checkpoint"])
+def test_flipping_any_byte_of_a_sealed_model_or_checkpoint_is_detected(tmp_path, purpose):
+    import torch
+
+    from tempo.sealed.model import open_state, seal_state
+
+    key = new_data_key()
+    path = seal_state({"w": torch.arange(6.0)}, tmp_path / "s", key, run_id="ab" * 16, step=7, purpose=purpose)
+    manifest, state = open_state(path, key, purpose)
+    assert (manifest["run_id"], manifest["step"]) == ("ab" * 16, 7) and state["w"].tolist() == list(range(6))
+    other = "checkpoint" if purpose == "model" else "model"
+    with pytest.raises(SealError, match=f"is a sealed {purpose}, not a {other}"):
+        open_state(path, key, other)  # one cannot pass for the other
+    original = path.read_bytes()
+    for i in range(len(original)):
+        data = bytearray(original)
+        data[i] ^= 0x80
+        path.write_bytes(data)
+        with pytest.raises(SealError):
+            open_state(path, key, purpose)
