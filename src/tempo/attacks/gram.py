@@ -11,7 +11,8 @@ both cases). The nonlinearity between the two ops (ReLU, GELU, pooling) bends th
 more, for every scheme alike.
 
 The attacker pairs rows as a graph matching of the two Gram matrices: first by a signature that
-does not depend on the unknown order (each row's largest similarities to the others, sorted),
+does not depend on the unknown order (each row's largest similarities to the others, sorted, and
+its norm),
 then, a few rounds, by correlating each row's similarities to all rows paired so far (seeded
 refinement: right pairs reinforce each other). Pairs are op outputs and the next op's input with
 the same rows, except the attention products (their rows are heads x tokens, shuffled apart).
@@ -60,16 +61,26 @@ def assign(cost: Tensor) -> Tensor:
     return match
 
 
+def log_norms(rows: Tensor) -> Tensor:
+    """Each centred row's log norm: a key on the columns scales norms, but keeps their order roughly."""
+    return (rows - rows.mean(0)).norm(dim=1).clamp_min(1e-300).log()
+
+
 def link(out: Tensor, nxt: Tensor, rounds: int = ROUNDS) -> Tensor:
     """For each row of `out` (an op's output), the row of `nxt` (the next op's input) judged the same."""
-    return match_graphs(cosine_gram(rows_of(out)), cosine_gram(rows_of(nxt)), rounds)
+    a, b = rows_of(out), rows_of(nxt)
+    return match_graphs(cosine_gram(a), cosine_gram(b), rounds, (log_norms(a), log_norms(b)))
 
 
-def match_graphs(a: Tensor, b: Tensor, rounds: int = ROUNDS) -> Tensor:
-    """Pair the nodes of two similarity matrices (zero diagonals): for each node of `a`, its node in `b`."""
+def match_graphs(a: Tensor, b: Tensor, rounds: int = ROUNDS, norms: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """Pair the nodes of two similarity matrices (zero diagonals): for each node of `a`, its node in `b`.
+
+    The first pairing compares order-free signatures (each node's largest similarities, and its norm
+    where given, each feature standardised over the nodes); the rounds after it refine the pairing."""
     k = min(SIGNATURE, len(a) - 1)
-    sig_a = _standard(a.sort(dim=1, descending=True).values[:, :k], 0)
-    sig_b = _standard(b.sort(dim=1, descending=True).values[:, :k], 0)
+    extra = [n[:, None] for n in norms] if norms is not None else [a[:, :0], b[:, :0]]
+    sig_a = _standard(torch.cat([a.sort(dim=1, descending=True).values[:, :k], extra[0]], 1), 0)
+    sig_b = _standard(torch.cat([b.sort(dim=1, descending=True).values[:, :k], extra[1]], 1), 0)
     match = assign(torch.cdist(sig_a, sig_b))
     for _ in range(rounds):
         # node i of `a` against node j of `b`: their similarities to the nodes paired so far, in pair order
