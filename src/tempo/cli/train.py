@@ -38,6 +38,11 @@ def train(
     workers: Annotated[int, typer.Option(min=1, help="Local workers (tempo mode).")] = _DEFAULTS.workers,
     in_process_workers: Annotated[bool, typer.Option(
         "--in-process-workers", help="Run the workers as objects in this process, not as processes.")] = False,
+    listen: Annotated[str | None, typer.Option(
+        help="HOST:PORT where remote workers join (`tempo worker --connect HOST:PORT --token-file T` on each GPU "
+             "host); training starts when --workers of them have joined.")] = None,
+    token_file: Annotated[Path | None, typer.Option(
+        help="The job's secret token (at least 16 bytes), which every remote worker must prove.")] = None,
     scheme: Annotated[str, typer.Option(
         help="Blinding scheme: mix (dense mixing keys, the default), permute (cheaper, leaks the model; needed "
              "for --key-lifetime > 1), or none (INSECURE).")] = _DEFAULTS.scheme,
@@ -118,7 +123,7 @@ def train(
             test_subset=test_subset or None, image_size=image_size or None, normalize=normalize,
             synthetic_shape=parse_shape(synthetic_shape), synthetic_classes=synthetic_classes,
             record=record, record_steps=record_steps, record_until=record_until or None, progress=progress,
-            checkpoint_every=checkpoint_every)
+            checkpoint_every=checkpoint_every, listen=listen, token_file=token_file)
         if resume_step is not None and not resume:
             raise ConfigError("--resume-step goes with --resume")
         if resume and out is None:
@@ -132,7 +137,7 @@ def train(
 
 
 _OPERATIONAL = ("workers", "in_process_workers", "worker_timeout", "out", "progress",
-                "checkpoint_every")  # the host's choices, not the run's
+                "checkpoint_every", "listen", "token_file")  # the host's choices, not the run's
 
 
 def _train_from_bundle(cli: TrainConfig, bundle: Path, keyserver: str | None, attestation: str | None,

@@ -28,6 +28,12 @@ def tensor_bytes(msg: Job | Reply) -> int:
     return sum(t.numel() * t.element_size() for _, t in message_tensors(msg))
 
 
+def summed_stats(links: list) -> TrafficStats:
+    """The traffic of all of a pool's links (each a transport with ``stats``)."""
+    return TrafficStats(*(sum(getattr(link.stats, f) for link in links)
+                          for f in ("bytes_sent", "bytes_received", "messages_sent", "messages_received")))
+
+
 class WorkerPool(ABC):
     """A fixed set of workers addressed by index."""
 
@@ -142,13 +148,9 @@ class ProcessPool(WorkerPool):
         except WorkerTimeoutError as e:
             raise WorkerTimeoutError(f"{e} (timeout {self.timeout} s)") from None
         finally:
-            self._sync_stats()
+            self.stats = summed_stats(self._links)
         return reply
 
-    def _sync_stats(self) -> None:
-        self.stats = TrafficStats(*(sum(getattr(link.stats, f) for link in self._links)
-                                    for f in ("bytes_sent", "bytes_received", "messages_sent",
-                                              "messages_received")))
 
     def close(self) -> None:
         for link, proc in zip(self._links, self._procs, strict=False):

@@ -63,6 +63,8 @@ class TrainConfig:
     record_until: int | None = None  # stop recording after this training step (None: record to the end)
     init_weights: Path | None = None  # a state_dict to start from instead of the seed's initialisation
     checkpoint_every: int = 0  # write a checkpoint every this many training steps (0: none)
+    listen: str | None = None  # HOST:PORT where remote workers join (None: local workers)
+    token_file: Path | None = None  # the job's secret token, which remote workers must prove
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -72,7 +74,7 @@ class TrainConfig:
             except ValueError:
                 raise ConfigError(f"unknown {name} {getattr(self, name)!r}; choose one of "
                                   f"{[k.value for k in kind]}") from None
-        for name in ("data_dir", "out", "record", "init_weights"):
+        for name in ("data_dir", "out", "record", "init_weights", "token_file"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, Path(getattr(self, name)))
         problems = [f"{name} must be >= {low}, got {getattr(self, name)}"

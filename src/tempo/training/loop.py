@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from ..enclave.pools import WorkerPool
 from ..errors import ConfigError
 from .checkpoints import CheckpointStore, PlainCheckpoints
 from .config import Mode, TrainConfig
@@ -61,9 +62,7 @@ def _placement(config: TrainConfig, model: nn.Module) -> Iterator[tuple[nn.Modul
         record = config.record
         truth = None if record is None else GroundTruth(record / "truth", keep_steps=config.record_steps,
                                                         until=config.record_until)
-        with tempo.local_workers(config.workers, in_process=config.in_process_workers,
-                                 timeout=config.worker_timeout, record=None if record is None else record / "view",
-                                 record_steps=config.record_steps, record_until=config.record_until) as pool:
+        with _workers(config) as pool:
             protected = tempo.protect(model, pool, scheme=config.scheme, checks=config.checks,
                                       key_lifetime=config.key_lifetime, offload_anchors=config.offload_anchors,
                                       unfold_convs=config.unfold_convs,
@@ -76,15 +75,41 @@ def _placement(config: TrainConfig, model: nn.Module) -> Iterator[tuple[nn.Modul
     yield model.to(device), device, lambda: (0, 0)
 
 
+def _workers(config: TrainConfig) -> WorkerPool:
+    """The run's worker pool: remote workers joining on ``config.listen``, else local ones."""
+    import tempo
+
+    if config.listen is not None:
+        from ..enclave.remote_pool import DistributedPool
+        from ..wire.dist import read_token
+
+        if config.token_file is None:
+            raise ConfigError("--listen needs --token-file: workers join only with the job's secret token")
+        if config.record is not None:
+            raise ConfigError("--record works with local workers only (it records their side)")
+        return DistributedPool(config.workers, listen=config.listen, token=read_token(config.token_file),
+                               timeout=config.worker_timeout)
+    record = config.record
+    return tempo.local_workers(config.workers, in_process=config.in_process_workers, timeout=config.worker_timeout,
+                               record=None if record is None else record / "view",
+                               record_steps=config.record_steps, record_until=config.record_until)
+
+
 def describe(config: TrainConfig, data: LoadedData) -> str:
     where = {Mode.PLAIN: "plain PyTorch", Mode.ENCLAVE: "enclave-only (CPU, no workers)",
              Mode.TEMPO: f"tempo mode, {config.workers} "
-                         f"{'in-process' if config.in_process_workers else 'process'} worker(s), "
+                         f"{_worker_kind(config)} worker(s), "
                          f"scheme {config.scheme}, checks {config.checks}, key lifetime {config.key_lifetime}"
              }[config.mode]
     return (f"training {config.model} on {config.dataset.value} ({len(data.train)} train / {len(data.test)} test "
             f"images, {data.channels}x{data.image_size}x{data.image_size}) for {config.epochs} epoch(s), "
             f"batch {config.batch_size}, lr {config.lr} (cosine), seed {config.seed}: {where}")
+
+
+def _worker_kind(config: TrainConfig) -> str:
+    if config.listen is not None:
+        return f"remote (joining on {config.listen})"
+    return "in-process" if config.in_process_workers else "process"
 
 
 def save_plain(state: dict[str, Tensor], out_dir: Path, step: int) -> Path:
@@ -183,8 +208,9 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print,
     return result
 
 
+# where and how a run executes, not what it computes
 _RESUME_FREE = ("out", "progress", "workers", "in_process_workers", "worker_timeout", "checkpoint_every",
-                "data_dir", "init_weights")  # where and how a run executes, not what it computes
+                "data_dir", "init_weights", "listen", "token_file")
 
 
 def _resumable(config: TrainConfig, out_dir: Path, store: CheckpointStore, step: int | None) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import socket
 import struct
 from dataclasses import dataclass
+from typing import Protocol
 
 from ..errors import ProtocolError, WorkerLostError, WorkerTimeoutError
 from .codec import decode, encode
@@ -23,6 +24,20 @@ class TrafficStats:
     bytes_received: int = 0
     messages_sent: int = 0
     messages_received: int = 0
+
+
+class Transport(Protocol):
+    """One end of a link carrying messages: a socket (:class:`SocketTransport`) or a gloo pair
+    (:class:`tempo.wire.dist.PairTransport`)."""
+
+    peer: str
+    stats: TrafficStats
+
+    def send(self, msg: Message) -> None: ...
+
+    def recv(self, timeout: float | None = None) -> Message: ...
+
+    def close(self) -> None: ...
 
 
 class SocketTransport:

@@ -6,13 +6,13 @@ import logging
 
 from ..errors import ProtocolError
 from ..wire.messages import BackwardJob, Failure, ForwardJob, Install, Shutdown, Update
-from ..wire.transport import SocketTransport
+from ..wire.transport import Transport
 from .core import WorkerCore
 
 log = logging.getLogger("tempo.worker")
 
 
-def serve(transport: SocketTransport, core: WorkerCore) -> None:
+def serve(transport: Transport, core: WorkerCore) -> None:
     """Answer jobs until Shutdown or the enclave hangs up."""
     log.info("worker serving on %s (device %s)", transport.peer, core.device)
     while True:

@@ -1,0 +1,133 @@
+"""Workers that join over torch.distributed (loopback here): the token, the refusals, the same training."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import protect_quietly
+from tempo.enclave.pools import InProcessPool
+from tempo.enclave.remote_pool import DistributedPool
+from tempo.errors import ConfigError, WorkerLostError
+
+TOKEN = b"a-secret-token-of-at-least-16-bytes"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(address: str, token_file: Path, name: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "tempo.cli", "worker", "--connect", address, "--token-file",
+                             str(token_file), "--name", name, "--timeout", "60"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _pool(n: int, address: str, log: list[str]) -> tuple[threading.Thread, dict]:
+    """Start a DistributedPool in a thread (it blocks until n workers joined)."""
+    made: dict = {}
+
+    def listen() -> None:
+        try:
+            made["pool"] = DistributedPool(n, listen=address, token=TOKEN, timeout=60, join_timeout=60,
+                                           log=log.append)
+        except Exception as e:  # handed to the test thread
+            made["error"] = e
+
+    thread = threading.Thread(target=listen, daemon=True)
+    thread.start()
+    return thread, made
+
+
+def _steps(pool, seed: int = 0) -> list[float]:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 4))
+    net = protect_quietly(model, pool, scheme="mix")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(32, 12), torch.randint(0, 4, (32,))
+    losses = []
+    for _ in range(3):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(net(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_workers_join_with_the_token_and_train_as_in_process_workers_do(tmp_path):
+    (tmp_path / "token").write_bytes(TOKEN)
+    (tmp_path / "wrong").write_bytes(b"not-the-token-but-long-enough")
+    address, log = f"127.0.0.1:{_free_port()}", []
+    thread, made = _pool(2, address, log)
+    intruder = _worker(address, tmp_path / "wrong", "intruder")
+    _, err = intruder.communicate(timeout=60)
+    assert intruder.returncode == 2 and "refused this worker: wrong token" in err
+    workers = [_worker(address, tmp_path / "token", f"gpu-{i}") for i in range(2)]
+    thread.join(timeout=60)
+    assert "error" not in made, made.get("error")
+    pool = made["pool"]
+    try:
+        assert pool.size == 2 and any("refused the worker in slot 1: wrong token" in line for line in log)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            remote, local = _steps(pool), _steps(InProcessPool(2))
+        torch.testing.assert_close(torch.tensor(remote), torch.tensor(local), rtol=1e-5, atol=1e-6)
+        assert pool.stats.bytes_sent > 0 and pool.stats.messages_received == pool.stats.messages_sent
+    finally:
+        pool.close()
+    for w in workers:
+        assert w.wait(timeout=30) == 0, w.stderr.read()
+
+
+def test_a_killed_worker_is_a_clear_error_naming_it(tmp_path):
+    (tmp_path / "token").write_bytes(TOKEN)
+    address, log = f"127.0.0.1:{_free_port()}", []
+    thread, made = _pool(1, address, log)
+    worker = _worker(address, tmp_path / "token", "doomed")
+    thread.join(timeout=60)
+    pool = made["pool"]
+    worker.kill()
+    worker.wait()
+    with pytest.raises(WorkerLostError, match="link to worker 'doomed'"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _steps(pool)
+
+
+def test_bad_settings_are_named(tmp_path):
+    (tmp_path / "short").write_bytes(b"short")
+    from tempo.wire.dist import read_token
+
+    with pytest.raises(ConfigError, match="at least 16"):
+        read_token(tmp_path / "short")
+    with pytest.raises(ConfigError, match="HOST:PORT"):
+        DistributedPool(1, listen="nowhere", token=TOKEN)
+
+
+def test_tempo_train_listens_for_remote_workers(tmp_path):
+    """The two-host walkthrough on one host: `tempo train --listen` and `tempo worker --connect`."""
+    (tmp_path / "token").write_bytes(TOKEN)
+    address = f"127.0.0.1:{_free_port()}"
+    train = subprocess.Popen([sys.executable, "-m", "tempo.cli", "train", "--listen", address, "--workers", "1",
+                              "--token-file", str(tmp_path / "token"), "--model", "small_cnn", "--train-subset", "128",
+                              "--test-subset", "100", "--batch-size", "64", "--epochs", "1", "--no-progress",
+                              "--out", str(tmp_path / "run")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    worker = _worker(address, tmp_path / "token", "gpu-host")
+    out, err = train.communicate(timeout=300)
+    assert train.returncode == 0, err
+    assert "remote (joining on" in out and "worker 'gpu-host' (slot 1) joined (1/1)" in out + err
+    assert worker.wait(timeout=30) == 0
+    steps = (tmp_path / "run" / "steps.jsonl").read_text().splitlines()
+    assert len(steps) == 2 and '"bytes_sent": 0' not in steps[1]  # step 1 runs inside (learns the anchors)
