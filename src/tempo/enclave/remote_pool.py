@@ -12,6 +12,7 @@ import datetime
 import hmac
 import json
 import os
+import socket
 from collections.abc import Callable
 
 from torch.distributed import TCPStore
@@ -34,6 +35,7 @@ class DistributedPool(WorkerPool):
             raise ConfigError(f"need at least one worker, got {n}")
         host, port = parse_address(listen)
         self.timeout, self._token, self._log = timeout, token, log
+        self._bind = host if host not in ("0.0.0.0", "") else socket.gethostbyname(socket.gethostname())
         try:
             self._store = TCPStore(host, port, is_master=True, wait_for_workers=False,
                                    timeout=datetime.timedelta(seconds=join_timeout))
@@ -69,8 +71,8 @@ class DistributedPool(WorkerPool):
         if not hmac.compare_digest(proof, join_proof(self._token, self._challenge, slot)):
             return self._refuse(slot, "wrong token")
         self._store.set(f"{PREFIX}accept/{slot}", "ok")
-        return PairTransport(pair_group(self._store, slot, 0, self.timeout), me=0, peer=f"worker {name[:64]!r} "
-                             f"(slot {slot})")
+        group = pair_group(self._store, slot, 0, self.timeout, self._bind)
+        return PairTransport(group, me=0, peer=f"worker {name[:64]!r} (slot {slot})")
 
     def _refuse(self, slot: int, reason: str) -> None:
         self._store.set(f"{PREFIX}accept/{slot}", f"refused: {reason}")

@@ -25,6 +25,7 @@ import datetime
 import hashlib
 import hmac
 import json
+import socket
 from pathlib import Path
 
 import torch
@@ -62,10 +63,24 @@ def join_proof(token: bytes, challenge: bytes, slot: int) -> str:
     return hmac.new(token, challenge + str(slot).encode(), hashlib.sha256).hexdigest()
 
 
-def pair_group(store: Store, slot: int, rank: int, timeout: float) -> ProcessGroupGloo:
-    """The two-rank gloo group of slot `slot`: the enclave is rank 0, the worker rank 1."""
-    return ProcessGroupGloo(PrefixStore(f"{PREFIX}link/{slot}", store), rank, 2,
-                            datetime.timedelta(seconds=timeout))
+def pair_group(store: Store, slot: int, rank: int, timeout: float, bind: str) -> ProcessGroupGloo:
+    """The two-rank gloo group of slot `slot` (the enclave is rank 0, the worker rank 1), its sockets on
+    the local address `bind`: the one the rendezvous runs over, so that the pair works across hosts and
+    network namespaces whatever the hostname resolves to."""
+    options = ProcessGroupGloo._Options()
+    options._devices = [ProcessGroupGloo.create_device(hostname=bind)]
+    options._timeout = datetime.timedelta(seconds=timeout)
+    return ProcessGroupGloo(PrefixStore(f"{PREFIX}link/{slot}", store), rank, 2, options)
+
+
+def local_address_towards(host: str, port: int) -> str:
+    """This host's address on the route to host:port (no packet is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect((host, port))
+        except OSError as e:
+            raise WorkerLostError(f"no route to {host}:{port}: {e.strerror}") from None
+        return probe.getsockname()[0]
 
 
 def connect(address: str, token: bytes, name: str, *, timeout: float) -> tuple[PairTransport, TCPStore]:
@@ -87,7 +102,8 @@ def connect(address: str, token: bytes, name: str, *, timeout: float) -> tuple[P
     answer = store.get(f"{PREFIX}accept/{slot}").decode()
     if answer != "ok":
         raise ConfigError(f"the enclave at {address} refused this worker: {answer.removeprefix('refused: ')}")
-    return PairTransport(pair_group(store, slot, 1, timeout), me=1, peer=f"enclave at {address}"), store
+    group = pair_group(store, slot, 1, timeout, local_address_towards(host, port))
+    return PairTransport(group, me=1, peer=f"enclave at {address}"), store
 
 
 class PairTransport:

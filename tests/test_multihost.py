@@ -1,0 +1,77 @@
+"""Enclave and workers on different (namespaced) hosts: same losses as in-process workers, refusals."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+from netns import hosts
+from tempo.training.config import TrainConfig
+from tempo.training.loop import train
+
+TOKEN = b"multi-host-token-0123456789abcdef"
+RUN = ["--model", "small_cnn", "--train-subset", "192", "--test-subset", "100", "--batch-size", "64", "--epochs", "1",
+       "--seed", "5", "--no-progress"]
+PORT = 29555
+
+
+def _losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "steps.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def local_losses(tmp_path_factory) -> list[float]:
+    out = tmp_path_factory.mktemp("local") / "run"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(TrainConfig(model="small_cnn", train_subset=192, test_subset=100, batch_size=64, epochs=1, seed=5,
+                          in_process_workers=True, workers=1, progress=False, out=out), log=lambda _: None)
+    return _losses(out)
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_workers_on_other_hosts_train_as_local_ones_do(workers, local_losses, tmp_path):
+    (tmp_path / "token").write_bytes(TOKEN)
+    with hosts(workers + 1) as (enclave, *gpus):
+        address = f"{enclave.address}:{PORT}"
+        trainer = subprocess.Popen(enclave.command(sys.executable, "-m", "tempo.cli", "train", "--listen", address,
+                                                   "--workers", str(workers), "--token-file", str(tmp_path / "token"),
+                                                   "--out", str(tmp_path / "run"), *RUN),
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        joined = [subprocess.Popen(gpu.command(sys.executable, "-m", "tempo.cli", "worker", "--connect", address,
+                                               "--token-file", str(tmp_path / "token"), "--name", gpu.namespace,
+                                               "--timeout", "120"),
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for gpu in gpus]
+        out, err = trainer.communicate(timeout=300)
+        assert trainer.returncode == 0, err
+        for worker in joined:
+            assert worker.wait(timeout=60) == 0, worker.stderr.read()
+    assert f"joined ({workers}/{workers})" in out + err
+    assert _losses(tmp_path / "run") == pytest.approx(local_losses, rel=1e-4)
+
+
+def test_a_worker_with_the_wrong_token_is_refused_across_hosts(tmp_path):
+    (tmp_path / "token").write_bytes(TOKEN)
+    (tmp_path / "wrong").write_bytes(b"some-other-token-0123456789abcdef")
+    with hosts(3) as (enclave, stranger, gpu):
+        address = f"{enclave.address}:{PORT + 1}"
+        trainer = subprocess.Popen(enclave.command(sys.executable, "-m", "tempo.cli", "train", "--listen", address,
+                                                   "--workers", "1", "--token-file", str(tmp_path / "token"),
+                                                   "--out", str(tmp_path / "run"), *RUN),
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        refused = subprocess.run(stranger.command(sys.executable, "-m", "tempo.cli", "worker", "--connect", address,
+                                                  "--token-file", str(tmp_path / "wrong"), "--timeout", "120"),
+                                 capture_output=True, text=True, timeout=180)
+        assert refused.returncode == 2 and "refused this worker: wrong token" in refused.stderr
+        worker = subprocess.Popen(gpu.command(sys.executable, "-m", "tempo.cli", "worker", "--connect", address,
+                                              "--token-file", str(tmp_path / "token"), "--timeout", "120"),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out, err = trainer.communicate(timeout=300)
+        assert trainer.returncode == 0, err
+        assert worker.wait(timeout=60) == 0
+    assert "refused the worker in slot 1: wrong token" in out + err
