@@ -192,12 +192,22 @@ def _finish(proc: subprocess.Popen, within: float) -> subprocess.CompletedProces
 
 @needs_proc
 @pytest.mark.usefixtures("one_thread")
-def test_worker_killed_mid_training(tmp_path: Path) -> None:
+def test_workers_killed_mid_training(tmp_path: Path) -> None:
+    """The first killed worker's work moves to the other (a fault in faults.jsonl); killing the last one
+    stops the run with an error naming it, and no worker is left running."""
     proc, workers = _start_training(tmp_path)
     os.kill(workers[1], signal.SIGKILL)
+    faults, deadline = tmp_path / "faults.jsonl", time.monotonic() + 30
+    while not (faults.exists() and faults.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, "training did not carry on past the fault"
+        time.sleep(0.05)
+    rows = [json.loads(line) for line in faults.read_text().splitlines()]
+    assert len(rows) == 1, rows
+    (fault,) = rows
+    assert fault["kind"] == "lost" and f"pid {workers[1]}" in fault["worker"]
+    os.kill(workers[0], signal.SIGKILL)
     result = _finish(proc, within=15)
-    assert_one_line_error(result, 3, "worker-1", f"pid {workers[1]}")
-    assert _gone(workers[0], within=5), "the surviving worker was left running"
+    assert_one_line_error(result, 3, "worker-0", f"pid {workers[0]}")
 
 
 @needs_proc
@@ -217,7 +227,9 @@ def test_end_to_end_synthetic_run(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "done: test accuracy" in result.stdout.splitlines()[-1]
     assert {p.name for p in tmp_path.iterdir()} == {
-        "config.json", "steps.jsonl", "steps.csv", "epochs.jsonl", "epochs.csv", "model.pt"}
+        "config.json", "steps.jsonl", "steps.csv", "epochs.jsonl", "epochs.csv", "faults.jsonl", "faults.csv",
+        "model.pt"}
+    assert (tmp_path / "faults.jsonl").read_text() == ""  # no worker failed
     steps = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == [1, 2, 3, 4] and [s["epoch"] for s in steps] == [1, 1, 2, 2]
     assert all(s["step_time_s"] > 0 for s in steps)

@@ -16,7 +16,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError, UnsupportedModelError
+from ..errors import (
+    ConfigError,
+    IntegrityError,
+    UnsupportedModelError,
+    WorkerError,
+    WorkerLostError,
+    WorkerTimeoutError,
+)
 from ..products import OpShapes, Product, ProductKind
 from ..schemes import Scheme, get_scheme
 from . import ops  # noqa: F401  (registers the op handlers)
@@ -52,12 +59,36 @@ class Engine:
         self._rr = itertools.cycle(range(pool.size))
         self._releases: dict[int, list[int]] = {}
         self._warned: set = set()
+        self.retired: dict[int, str] = {}  # worker index -> why it gets no more work
+        self.faults: list[dict] = []  # every fault, in order: worker, op, step, kind, detail
 
     def new_id(self) -> int:
         return next(self._ids)
 
     def next_worker(self) -> int:
-        return next(self._rr)
+        """The next worker in turn that has not been retired."""
+        for _ in range(self.pool.size):
+            worker = next(self._rr)
+            if worker not in self.retired:
+                return worker
+        raise WorkerError("no workers left: " + "; ".join(f"{self.pool.name(w)} {why}"
+                                                           for w, why in self.retired.items()))
+
+    def can_replace(self, worker: int) -> bool:
+        """Whether another live worker could take over `worker`'s work."""
+        return any(w != worker and w not in self.retired for w in range(self.pool.size))
+
+    def retire(self, worker: int, error: Exception, *, op: str, step: int) -> None:
+        """Give `worker` no more work, for the rest of the run: it died, stalled, failed or lied."""
+        kind = ("lied" if isinstance(error, IntegrityError) else "stalled" if isinstance(error, WorkerTimeoutError)
+                else "lost" if isinstance(error, WorkerLostError) else "failed")
+        name = self.pool.name(worker)
+        self.retired[worker] = f"{kind} at op '{op}', step {step}"
+        self._releases.pop(worker, None)
+        self.faults.append({"worker": name, "op": op, "step": step, "kind": kind,
+                            "detail": " ".join(str(error).split())[:300]})
+        warnings.warn(f"tempo: worker {name} {kind} at op '{op}', step {step}; it gets no more work and its job "
+                      f"runs on another worker ({' '.join(str(error).split())[:200]})", stacklevel=2)
 
     def op_name(self, function: str) -> str:
         """Qualified name of the module that is running, plus the function when it is functional."""

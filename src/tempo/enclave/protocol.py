@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from torch import Tensor
@@ -32,6 +33,8 @@ from ..wire.messages import BackwardJob, Failure, ForwardJob, Job, Reply, Result
 if TYPE_CHECKING:
     from .engine import Engine
     from .residency import ResidentWeight
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -77,7 +80,31 @@ class OffloadedOp:
             self.worker, self._generation = self.resident.worker, self.resident.generation
             self.key = eng.scheme.with_fresh_rows(self.resident.key, shape, eng.rng)
         self.keep_x, self.keep_w = keep_x, keep_w
-        return self._submit_forward(x, w)
+        return self._failover(lambda: self._submit_forward(x, w))
+
+    def _failover(self, attempt: Callable[[], T]) -> T:
+        """Run `attempt`; when its worker dies, stalls, fails or lies, retire that worker and run it again
+        on the next live one (same key: the new worker sees what the old one saw). Work whose worker was
+        retired meanwhile (a backward whose forward ran there) moves before it is tried. A resident
+        weight (key lifetime K > 1) lives on one worker, so its ops do not move; nor does work when no
+        live worker is left, which raises the last error."""
+        eng = self.engine
+        while True:
+            if self.worker in eng.retired and self.resident is None:
+                self._move()
+            try:
+                return attempt()
+            except (WorkerError, IntegrityError) as e:
+                if self.resident is not None or not eng.can_replace(self.worker):
+                    raise
+                eng.retire(self.worker, e, op=self.name, step=self.step)
+
+    def _move(self) -> None:
+        """Take this op to the next live worker; what the old one kept is gone with it."""
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
+        self.worker = self.engine.next_worker()
 
     def _submit_forward(self, x: Tensor, w: Tensor) -> Tensor:
         eng, layouts = self.engine, self.kind.layouts()
@@ -106,9 +133,14 @@ class OffloadedOp:
             raise ConfigError(f"op '{self.name}': its weight '{self.resident.name}' got a new key (a later "
                               "forward began its next key period) before this forward's backward; with "
                               "key_lifetime > 1 run each backward before the next training forward")
+        return self._failover(lambda: self._submit_backward(dy, x, w, need_dx=need_dx, need_dw=need_dw))
+
+    def _submit_backward(self, dy: Tensor, x: Tensor, w: Tensor, *, need_dx: bool, need_dw: bool
+                         ) -> tuple[Tensor | None, Tensor | None]:
         if self._finalizer is None:
-            # A second backward through a retained graph: the worker freed X', W' after the first.
-            # Send them again under a new handle (same key) rather than keep them for every op.
+            # The worker no longer holds X', W': a second backward through a retained graph (it freed
+            # them after the first), or a new worker after a fault. Send them again under a new handle
+            # (same key) rather than keep them for every op.
             self.handle = self.engine.new_id()
             self._submit_forward(x, w)
         if self._finalizer is not None:

@@ -31,7 +31,7 @@ from ..errors import ConfigError
 from .checkpoints import CheckpointStore, PlainCheckpoints
 from .config import Mode, TrainConfig
 from .data import LoadedData, load_data
-from .metrics import EPOCH_FIELDS, STEP_FIELDS, MetricsTable, new_run_dir
+from .metrics import EPOCH_FIELDS, FAULT_FIELDS, STEP_FIELDS, MetricsTable, new_run_dir
 from .models import build_model
 
 EVAL_BATCH_SIZE = 500  # no gradients are kept, so large batches only save round trips
@@ -181,9 +181,11 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print,
                 store.save({"step": step, "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                             "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                             "torch_rng": torch.get_rng_state(), "position": dataclasses.asdict(position),
-                            "steps": steps.rows, "epochs": epochs.rows}, step)
+                            "steps": steps.rows, "epochs": epochs.rows, "faults": faults.rows}, step)
 
-        trainer = _Trainer(net, device, optimizer, schedule, traffic)
+        faults = stack.enter_context(MetricsTable(out_dir, "faults", FAULT_FIELDS,
+                                                  resumed.get("faults", ()) if resumed else ()))
+        trainer = _Trainer(net, device, optimizer, schedule, traffic, faults)
         for epoch in range(position.epoch, config.epochs + 1):
             if position.batch == 0:
                 position.loader_rng = generator.get_state()  # this epoch's order, as a resumed run redraws it
@@ -261,6 +263,15 @@ class _Trainer:
     optimizer: torch.optim.Optimizer
     schedule: torch.optim.lr_scheduler.LRScheduler
     traffic: Traffic
+    faults: MetricsTable  # every worker fault: who, which op, which step, what kind
+    _logged: int = 0  # faults of this process's engine already in the table
+
+    def _log_faults(self) -> None:
+        engine = getattr(self.net, "engine", None)
+        if engine is not None:
+            for fault in engine.faults[self._logged:]:
+                self.faults.add(fault)
+            self._logged = len(engine.faults)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
         """One SGD step; the batch's loss and number of correct predictions (before the update)."""
@@ -268,12 +279,15 @@ class _Trainer:
         engine = getattr(self.net, "engine", None)
         if engine is not None and engine.truth is not None:
             engine.truth.begin_step(engine.step + 1, self.net.module.state_dict(), x, y)
-        self.optimizer.zero_grad(set_to_none=True)
-        logits = self.net(x)
-        loss = F.cross_entropy(logits, y)
-        loss.backward()
-        self.optimizer.step()
-        self.schedule.step()
+        try:
+            self.optimizer.zero_grad(set_to_none=True)
+            logits = self.net(x)
+            loss = F.cross_entropy(logits, y)
+            loss.backward()
+            self.optimizer.step()
+            self.schedule.step()
+        finally:
+            self._log_faults()  # also when a fault ends the run
         return loss.item(), int((logits.argmax(1) == y).sum())
 
     def epoch(self, loader: DataLoader, steps: MetricsTable, epoch: int, config: TrainConfig, position: _Position,
