@@ -111,3 +111,25 @@ def test_faults_are_logged_in_the_runs_metrics(tmp_path, monkeypatch):
     monkeypatch.setattr(tempo, "local_workers", real)
     (fault,) = [json.loads(line) for line in (run.out_dir / "faults.jsonl").read_text().splitlines()]
     assert fault["worker"] == "inproc-1" and fault["kind"] == "lied" and fault["step"] >= 1 and fault["op"]
+
+
+def test_with_no_worker_left_the_last_completed_step_is_checkpointed_and_resumes(tmp_path, monkeypatch):
+    """The only worker lies in step 2: the run stops with a checkpoint of step 1, and --resume (with an honest
+    worker) ends with the model of a run that never failed."""
+    config = TrainConfig(model="small_cnn", train_subset=320, test_subset=100, batch_size=64, epochs=1, workers=1,
+                         in_process_workers=True, progress=False, offload_anchors=True, out=tmp_path / "run")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        whole = train(config.__class__(**{**config.__dict__, "out": tmp_path / "whole"}), log=lambda _: None)
+        real = tempo.local_workers
+        monkeypatch.setattr(tempo, "local_workers",
+                            lambda n, **_: InProcessPool(1, cores=[LyingWorkerCore(Lie.SCALE, honest_jobs=8)]))
+        with pytest.raises(tempo.WorkerError, match=r"last completed step \(1\) is checkpointed in .*step-00000001"):
+            train(config, log=lambda _: None)
+        monkeypatch.setattr(tempo, "local_workers", real)
+        resumed = train(config, log=lambda _: None, resume=True)
+    assert [s["loss"] for s in resumed.steps] == pytest.approx([s["loss"] for s in whole.steps], rel=1e-4)
+    want = torch.load(whole.out_dir / "model.pt", weights_only=True)
+    got = torch.load(resumed.out_dir / "model.pt", weights_only=True)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)

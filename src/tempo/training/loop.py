@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ..enclave.pools import WorkerPool
-from ..errors import ConfigError
+from ..errors import ConfigError, IntegrityError, WorkerError
 from .checkpoints import CheckpointStore, PlainCheckpoints
 from .config import Mode, TrainConfig
 from .data import LoadedData, load_data
@@ -176,12 +176,15 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print,
             log(f"resumed from the checkpoint of step {resumed['step']} (epoch {position.epoch}, "
                 f"{position.batch} of {len(loader)} batches done)")
 
-        def checkpoint(step: int) -> None:
-            if config.checkpoint_every and step % config.checkpoint_every == 0:
-                store.save({"step": step, "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                            "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                            "torch_rng": torch.get_rng_state(), "position": dataclasses.asdict(position),
-                            "steps": steps.rows, "epochs": epochs.rows, "faults": faults.rows}, step)
+        def checkpoint(step: int, *, now: bool = False, rng: Tensor | None = None) -> Path | None:
+            """Every checkpoint_every steps, or `now` (the run is about to stop: no worker left)."""
+            if now or (config.checkpoint_every and step % config.checkpoint_every == 0):
+                return store.save({"step": step, "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                                   "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                                   "torch_rng": torch.get_rng_state() if rng is None else rng,
+                                   "position": dataclasses.asdict(position), "steps": steps.rows,
+                                   "epochs": epochs.rows, "faults": faults.rows}, step)
+            return None
 
         faults = stack.enter_context(MetricsTable(out_dir, "faults", FAULT_FIELDS,
                                                   resumed.get("faults", ()) if resumed else ()))
@@ -265,6 +268,7 @@ class _Trainer:
     traffic: Traffic
     faults: MetricsTable  # every worker fault: who, which op, which step, what kind
     _logged: int = 0  # faults of this process's engine already in the table
+    updating: bool = False  # inside the optimizer step: a failure now leaves no consistent state
 
     def _log_faults(self) -> None:
         engine = getattr(self.net, "engine", None)
@@ -284,14 +288,16 @@ class _Trainer:
             logits = self.net(x)
             loss = F.cross_entropy(logits, y)
             loss.backward()
+            self.updating = True
             self.optimizer.step()
             self.schedule.step()
+            self.updating = False
         finally:
             self._log_faults()  # also when a fault ends the run
         return loss.item(), int((logits.argmax(1) == y).sum())
 
     def epoch(self, loader: DataLoader, steps: MetricsTable, epoch: int, config: TrainConfig, position: _Position,
-              checkpoint: Callable[[int], None]) -> tuple[float, float]:
+              checkpoint: Callable[..., Path | None]) -> tuple[float, float]:
         """Mean loss and accuracy over the epoch's batches; one metrics row per step; `checkpoint` after each.
 
         Batches before ``position.batch`` were trained before the checkpoint this run resumed from:
@@ -303,8 +309,16 @@ class _Trainer:
             for index, (x, y) in enumerate(loader):
                 if index < position.batch:
                     continue
-                start, (sent, received) = time.perf_counter(), self.traffic()
-                batch_loss, batch_correct = self.step(x, y)
+                start, (sent, received), rng = time.perf_counter(), self.traffic(), torch.get_rng_state()
+                try:
+                    batch_loss, batch_correct = self.step(x, y)
+                except (WorkerError, IntegrityError) as e:
+                    if self.updating:  # the optimizer was part-way: this state is no step's
+                        raise
+                    saved = checkpoint(len(steps.rows), now=True, rng=rng)
+                    raise WorkerError(f"no worker can take over: {e} The last completed step ({len(steps.rows)}) "
+                                      f"is checkpointed in {saved}: continue with --resume once workers are back"
+                                      ) from None
                 elapsed, (now_sent, now_received) = time.perf_counter() - start, self.traffic()
                 steps.add({"step": len(steps.rows) + 1, "epoch": epoch, "loss": batch_loss,
                            "accuracy": batch_correct / len(y), "step_time_s": elapsed,
