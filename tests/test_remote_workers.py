@@ -90,6 +90,29 @@ def test_workers_join_with_the_token_and_train_as_in_process_workers_do(tmp_path
         assert w.wait(timeout=30) == 0, w.stderr.read()
 
 
+def test_a_killed_remote_worker_hands_its_work_to_the_other(tmp_path):
+    (tmp_path / "token").write_bytes(TOKEN)
+    address, log = f"127.0.0.1:{_free_port()}", []
+    thread, made = _pool(2, address, log)
+    workers = [_worker(address, tmp_path / "token", f"gpu-{i}") for i in range(2)]
+    thread.join(timeout=60)
+    pool = made["pool"]
+    try:
+        workers[1].kill()
+        workers[1].wait()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 4))
+            net = protect_quietly(model, pool, scheme="mix")
+            net(torch.randn(8, 12)).sum().backward()
+            net(torch.randn(8, 12)).sum().backward()
+        assert [f["kind"] for f in net.engine.faults] == ["lost"] and "gpu-1" in net.engine.faults[0]["worker"]
+    finally:
+        pool.close()
+    assert workers[0].wait(timeout=30) == 0
+
+
 def test_a_killed_worker_is_a_clear_error_naming_it(tmp_path):
     (tmp_path / "token").write_bytes(TOKEN)
     address, log = f"127.0.0.1:{_free_port()}", []
