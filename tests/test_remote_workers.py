@@ -154,3 +154,44 @@ def test_tempo_train_listens_for_remote_workers(tmp_path):
     assert worker.wait(timeout=30) == 0
     steps = (tmp_path / "run" / "steps.jsonl").read_text().splitlines()
     assert len(steps) == 2 and '"bytes_sent": 0' not in steps[1]  # step 1 runs inside (learns the anchors)
+
+
+ROGUE = """
+import sys, torch
+from tempo.wire.dist import connect, read_token
+from pathlib import Path
+transport, store = connect(sys.argv[1], read_token(Path(sys.argv[2])), "rogue", timeout=60)
+transport.recv()  # its first job
+reply = {"huge": [1 << 40], "garbage": [64]}[sys.argv[3]]
+transport.group.send([torch.tensor(reply[:1], dtype=torch.int64)], 0, 0).wait()
+if sys.argv[3] == "garbage":
+    transport.group.send([torch.randint(0, 255, (64,), dtype=torch.uint8)], 0, 1).wait()
+transport.recv()  # stay until the enclave hangs up
+"""
+
+
+@pytest.mark.parametrize("reply", ["huge", "garbage"])
+def test_a_worker_that_sends_malformed_frames_is_retired_and_its_work_redone(tmp_path, reply):
+    """A worker with the token that answers a job with an oversized length or bytes that are no frame:
+    the enclave rejects the reply, counts a 'malformed' fault against it, and the other worker takes over."""
+    (tmp_path / "token").write_bytes(TOKEN)
+    address, log = f"127.0.0.1:{_free_port()}", []
+    thread, made = _pool(2, address, log)
+    rogue = subprocess.Popen([sys.executable, "-c", ROGUE, address, str(tmp_path / "token"), reply],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    honest = _worker(address, tmp_path / "token", "honest")
+    thread.join(timeout=60)
+    pool = made["pool"]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.manual_seed(0)
+            net = protect_quietly(nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 4)), pool, scheme="mix")
+            for _ in range(2):
+                net(torch.randn(8, 12)).sum().backward()
+        (fault,) = net.engine.faults
+        assert fault["kind"] == "malformed" and "rogue" in fault["worker"]
+    finally:
+        pool.close()
+        rogue.kill()
+    assert honest.wait(timeout=30) == 0

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from ..errors import (
     ConfigError,
     IntegrityError,
+    ProtocolError,
     UnsupportedModelError,
     WorkerError,
     WorkerLostError,
@@ -81,7 +82,8 @@ class Engine:
     def retire(self, worker: int, error: Exception, *, op: str, step: int) -> None:
         """Give `worker` no more work, for the rest of the run: it died, stalled, failed or lied."""
         kind = ("lied" if isinstance(error, IntegrityError) else "stalled" if isinstance(error, WorkerTimeoutError)
-                else "lost" if isinstance(error, WorkerLostError) else "failed")
+                else "lost" if isinstance(error, WorkerLostError) else "malformed" if isinstance(error, ProtocolError)
+                else "failed")
         name = self.pool.name(worker)
         self.retired[worker] = f"{kind} at op '{op}', step {step}"
         self._releases.pop(worker, None)

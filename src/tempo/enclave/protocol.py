@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, TypeVar
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError, IntegrityError, WorkerError
+from ..errors import ConfigError, IntegrityError, ProtocolError, WorkerError
 from ..products import OpShapes, Product, ProductKind
 from ..schemes import Operand
 from ..wire.messages import BackwardJob, Failure, ForwardJob, Job, Reply, Result
@@ -83,7 +83,8 @@ class OffloadedOp:
         return self._failover(lambda: self._submit_forward(x, w))
 
     def _failover(self, attempt: Callable[[], T]) -> T:
-        """Run `attempt`; when its worker dies, stalls, fails or lies, retire that worker and run it again
+        """Run `attempt`; when its worker dies, stalls, fails, lies or speaks out of protocol, retire that
+        worker and run it again
         on the next live one (same key: the new worker sees what the old one saw). Work whose worker was
         retired meanwhile (a backward whose forward ran there) moves before it is tried. A resident
         weight (key lifetime K > 1) lives on one worker, so its ops do not move; nor does work when no
@@ -94,7 +95,7 @@ class OffloadedOp:
                 self._move()
             try:
                 return attempt()
-            except (WorkerError, IntegrityError) as e:
+            except (WorkerError, IntegrityError, ProtocolError) as e:
                 if self.resident is not None or not eng.can_replace(self.worker):
                     raise
                 eng.retire(self.worker, e, op=self.name, step=self.step)

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ..enclave.pools import WorkerPool
-from ..errors import ConfigError, IntegrityError, WorkerError
+from ..errors import ConfigError, IntegrityError, ProtocolError, WorkerError
 from .checkpoints import CheckpointStore, PlainCheckpoints
 from .config import Mode, TrainConfig
 from .data import LoadedData, load_data
@@ -312,7 +312,7 @@ class _Trainer:
                 start, (sent, received), rng = time.perf_counter(), self.traffic(), torch.get_rng_state()
                 try:
                     batch_loss, batch_correct = self.step(x, y)
-                except (WorkerError, IntegrityError) as e:
+                except (WorkerError, IntegrityError, ProtocolError) as e:
                     if self.updating:  # the optimizer was part-way: this state is no step's
                         raise
                     saved = checkpoint(len(steps.rows), now=True, rng=rng)

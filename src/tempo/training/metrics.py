@@ -16,7 +16,7 @@ from typing import Any
 from ..errors import ConfigError
 
 STEP_FIELDS = ("step", "epoch", "loss", "accuracy", "step_time_s", "bytes_sent", "bytes_received")
-FAULT_FIELDS = ("worker", "op", "step", "kind", "detail")  # kind: lost, stalled, failed, lied
+FAULT_FIELDS = ("worker", "op", "step", "kind", "detail")  # kind: lost, stalled, failed, malformed, lied
 EPOCH_FIELDS = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "epoch_time_s",
                 "eval_time_s")
 
