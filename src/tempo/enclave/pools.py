@@ -16,7 +16,7 @@ from types import TracebackType
 
 from ..errors import ConfigError, WorkerLostError, WorkerTimeoutError
 from ..wire.messages import Job, Reply, Shutdown, message_tensors
-from ..wire.transport import SocketTransport, TrafficStats
+from ..wire.transport import SocketTransport, TrafficStats, Transport
 from ..worker.core import WorkerCore
 from ..worker.recorder import RecordingCore
 
@@ -96,16 +96,46 @@ class InProcessPool(WorkerPool):
         self.cores = []
 
 
-class ProcessPool(WorkerPool):
+class LinkPool(WorkerPool):
+    """Workers reached over one transport each, a reply awaited for at most `timeout` seconds."""
+
+    def __init__(self, timeout: float):
+        super().__init__()
+        self.timeout = timeout
+        self._links: list[Transport] = []
+
+    @property
+    def size(self) -> int:
+        return len(self._links)
+
+    def name(self, index: int) -> str:
+        return self._links[index].peer
+
+    def call(self, index: int, job: Job) -> Reply:
+        link = self._links[index]
+        try:
+            link.send(job)
+            return link.recv(timeout=self.timeout)
+        except WorkerLostError as e:
+            raise WorkerLostError(f"{e}{self._lost_detail(index)}") from None
+        except WorkerTimeoutError as e:
+            raise WorkerTimeoutError(f"{e} (timeout {self.timeout} s)") from None
+        finally:
+            self.stats = summed_stats(self._links)
+
+    def _lost_detail(self, index: int) -> str:
+        """What else is known about a lost worker (appended to the error)."""
+        return ""
+
+
+class ProcessPool(LinkPool):
     """Each worker is a separate `python -m tempo.worker` process joined by a socket pair."""
 
     def __init__(self, n: int, *, timeout: float = DEFAULT_TIMEOUT_S, device: str | None = None,
                  record: Path | None = None, record_steps: int | None = None,
                  record_until: int | None = None):
-        super().__init__()
-        self.timeout = timeout
+        super().__init__(timeout)
         self._procs: list[subprocess.Popen] = []
-        self._links: list[SocketTransport] = []
         try:
             for i in range(n):
                 extra = ["--device", device] if device else []
@@ -129,28 +159,9 @@ class ProcessPool(WorkerPool):
         self._procs.append(proc)
         self._links.append(SocketTransport(ours, peer=f"worker-{i} (pid {proc.pid})"))
 
-    @property
-    def size(self) -> int:
-        return len(self._links)
-
-    def name(self, index: int) -> str:
-        return self._links[index].peer
-
-    def call(self, index: int, job: Job) -> Reply:
-        link = self._links[index]
-        try:
-            link.send(job)
-            reply = link.recv(timeout=self.timeout)
-        except WorkerLostError as e:
-            code = self._procs[index].poll()
-            status = f"exited with code {code}" if code is not None else "is still running"
-            raise WorkerLostError(f"{e}; the worker process {status}") from None
-        except WorkerTimeoutError as e:
-            raise WorkerTimeoutError(f"{e} (timeout {self.timeout} s)") from None
-        finally:
-            self.stats = summed_stats(self._links)
-        return reply
-
+    def _lost_detail(self, index: int) -> str:
+        code = self._procs[index].poll()
+        return f"; the worker process {f'exited with code {code}' if code is not None else 'is still running'}"
 
     def close(self) -> None:
         for link, proc in zip(self._links, self._procs, strict=False):

@@ -19,22 +19,22 @@ from torch.distributed import TCPStore
 
 from ..errors import ConfigError, WorkerLostError, WorkerTimeoutError
 from ..wire.dist import PREFIX, PairTransport, join_proof, pair_group, parse_address
-from ..wire.messages import PROTOCOL_VERSION, Job, Reply, Shutdown
-from .pools import DEFAULT_TIMEOUT_S, WorkerPool, summed_stats
+from ..wire.messages import PROTOCOL_VERSION, Shutdown
+from .pools import DEFAULT_TIMEOUT_S, LinkPool
 
 DEFAULT_JOIN_TIMEOUT_S = 600.0
 
 
-class DistributedPool(WorkerPool):
+class DistributedPool(LinkPool):
     """N workers that joined through the rendezvous this pool hosts on `listen`."""
 
     def __init__(self, n: int, *, listen: str, token: bytes, timeout: float = DEFAULT_TIMEOUT_S,
                  join_timeout: float = DEFAULT_JOIN_TIMEOUT_S, log: Callable[[str], None] = print):
-        super().__init__()
+        super().__init__(timeout)
         if n < 1:
             raise ConfigError(f"need at least one worker, got {n}")
         host, port = parse_address(listen)
-        self.timeout, self._token, self._log = timeout, token, log
+        self._token, self._log = token, log
         self._bind = host if host not in ("0.0.0.0", "") else socket.gethostbyname(socket.gethostname())
         try:
             self._store = TCPStore(host, port, is_master=True, wait_for_workers=False,
@@ -44,7 +44,6 @@ class DistributedPool(WorkerPool):
         self._challenge = os.urandom(32)
         self._store.set(PREFIX + "version", str(PROTOCOL_VERSION))
         self._store.set(PREFIX + "challenge", self._challenge.hex())
-        self._links: list[PairTransport] = []
         log(f"waiting for {n} worker(s) on {listen} (tempo worker --connect {listen} --token-file ...)")
         slot = 0
         while len(self._links) < n:
@@ -78,21 +77,6 @@ class DistributedPool(WorkerPool):
         self._store.set(f"{PREFIX}accept/{slot}", f"refused: {reason}")
         self._log(f"refused the worker in slot {slot}: {reason}")
         return None
-
-    @property
-    def size(self) -> int:
-        return len(self._links)
-
-    def name(self, index: int) -> str:
-        return self._links[index].peer
-
-    def call(self, index: int, job: Job) -> Reply:
-        link = self._links[index]
-        try:
-            link.send(job)
-            return link.recv(timeout=self.timeout)
-        finally:
-            self.stats = summed_stats(self._links)
 
     def close(self) -> None:
         for link in self._links:
