@@ -33,11 +33,14 @@ def _train(model, batches, lr=0.01) -> list[float]:
 # differ by 4-30% in loss within 20 steps (docs/correctness.md), so a float32 comparison at that
 # horizon measures the chaos, not Tempo. The ResNet is therefore tracked in float64 over 20 steps
 # (and in float32 over the first steps); the ViT is well conditioned and tracked in float32.
-@pytest.mark.parametrize(("name", "channels", "size", "dtype", "steps", "batch"), [
-    ("resnet18", 1, 28, torch.float64, STEPS, 8), ("resnet18", 1, 28, torch.float32, 5, 32),
-    ("vit_tiny_patch16_224", 3, 32, torch.float32, STEPS, 8),
+# The float32 ResNet runs on one worker: with two, dW is summed from two row shards, a rounding
+# change, and perturbing plain float32 weights by 1e-7 relative already moves its loss by 1e-3 at
+# step 2 (the same chaos), so that comparison would measure rounding, not Tempo.
+@pytest.mark.parametrize(("name", "channels", "size", "dtype", "steps", "batch", "workers"), [
+    ("resnet18", 1, 28, torch.float64, STEPS, 8, 2), ("resnet18", 1, 28, torch.float32, 5, 32, 1),
+    ("vit_tiny_patch16_224", 3, 32, torch.float32, STEPS, 8, 2),
 ])
-def test_training_tracks_plaintext(name, channels, size, dtype, steps, batch):
+def test_training_tracks_plaintext(name, channels, size, dtype, steps, batch, workers):
     torch.manual_seed(0)
     model = build_model(name, num_classes=10, channels=channels, image_size=size).to(dtype)
     means = torch.randn(10, channels, size, size, dtype=dtype)  # a learnable signal per class
@@ -45,7 +48,7 @@ def test_training_tracks_plaintext(name, channels, size, dtype, steps, batch):
     batches = [(torch.randn(batch, channels, size, size, dtype=dtype) + 0.5 * means[y], y) for y in labels]
     plain_losses = _train(copy.deepcopy(model), batches)
     start = time.perf_counter()
-    with tempo.local_workers(2, in_process=True) as pool:
+    with tempo.local_workers(workers, in_process=True) as pool:
         tempo_losses = _train(protect_quietly(model, pool, scheme="permute", checks=2), batches)
     print(f"{name} {dtype}: {steps} tempo steps in {time.perf_counter() - start:.1f} s")
     for step, (a, b) in enumerate(zip(tempo_losses, plain_losses, strict=True)):

@@ -9,7 +9,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ..products import ProductKind
-from .protocol import OffloadedOp
+from .sharding import ShardedOp
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -17,8 +17,8 @@ if TYPE_CHECKING:
 
 class _OffloadedProduct(torch.autograd.Function):
     @staticmethod
-    def forward(x: Tensor, w: Tensor, op: OffloadedOp) -> Tensor:
-        return op.forward(x, w, keep_x=op.keep_x, keep_w=op.keep_w)
+    def forward(x: Tensor, w: Tensor, op: ShardedOp) -> Tensor:
+        return op.forward(x, w)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -35,17 +35,21 @@ class _OffloadedProduct(torch.autograd.Function):
 
 
 def offload(engine: Engine, kind: ProductKind, x: Tensor, w: Tensor, *, name: str | None = None) -> Tensor:
-    """``kind.forward(x, w)`` computed by a worker on blinded operands, differentiable in x and w.
+    """``kind.forward(x, w)`` computed by workers on blinded operands, differentiable in x and w.
 
-    Under no_grad (or when neither operand needs a gradient) the worker keeps nothing. An anchor
-    (the model's first or last product, see :mod:`tempo.enclave.anchors`) is computed here instead.
+    X's rows are split across the live workers (:mod:`tempo.enclave.sharding`). Under no_grad (or
+    when neither operand needs a gradient) the workers keep nothing.
+    An anchor (the model's first or last product, see :mod:`tempo.enclave.anchors`) is computed
+    here instead.
     """
     name = name or engine.op_name(kind.name)
     if engine.anchors.keeps(name):
         return kind.forward(x, w)
-    op = OffloadedOp(engine, kind, name)
-    track = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
-    if not track:
-        return op.forward(x, w, keep_x=False, keep_w=False)
+    problem = kind.check_operands(x.shape, w.shape)
+    if problem:
+        raise ValueError(f"op '{name}': {problem}")
+    op = ShardedOp(engine, kind, name, engine.shards(kind, x.shape[0]))
+    if not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
+        return op.forward(x, w)  # nothing kept on the workers
     op.keep_x, op.keep_w = w.requires_grad, x.requires_grad  # dW' needs X'; dX' needs W'
     return _OffloadedProduct.apply(x, w, op)

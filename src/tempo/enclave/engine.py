@@ -75,6 +75,15 @@ class Engine:
         raise WorkerError("no workers left: " + "; ".join(f"{self.pool.name(w)} {why}"
                                                            for w, why in self.retired.items()))
 
+    def shards(self, kind: ProductKind, rows: int) -> int:
+        """Into how many row shards to split an invocation: one per live worker, for the products whose
+        rows are independent samples (linear, conv2d). Not split: batched matmuls (a batch entry is a
+        head or a group, not a sample), resident weights (they live on one worker), and recorded runs
+        (the leakage suite models one job per op)."""
+        if kind.name not in ("linear", "conv2d") or self.residency is not None or self.truth is not None:
+            return 1
+        return max(1, min(self.pool.size - len(self.retired), rows))
+
     def can_replace(self, worker: int) -> bool:
         """Whether another live worker could take over `worker`'s work."""
         return any(w != worker and w not in self.retired for w in range(self.pool.size))

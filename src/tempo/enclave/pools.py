@@ -11,6 +11,9 @@ import socket
 import subprocess
 import sys
 from abc import ABC, abstractmethod
+from collections import defaultdict, deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 
@@ -48,8 +51,17 @@ class WorkerPool(ABC):
     def name(self, index: int) -> str: ...
 
     @abstractmethod
+    def submit(self, index: int, job: Job) -> None:
+        """Send one job to worker `index` without waiting for its reply."""
+
+    @abstractmethod
+    def collect(self, index: int) -> Reply:
+        """Wait for worker `index`'s reply to the oldest of its jobs not yet collected."""
+
     def call(self, index: int, job: Job) -> Reply:
         """Send one job to worker `index` and wait for its reply."""
+        self.submit(index, job)
+        return self.collect(index)
 
     @abstractmethod
     def close(self) -> None:
@@ -76,6 +88,7 @@ class InProcessPool(WorkerPool):
                                    device=device)
                      for i in range(n)]
         self.cores = cores
+        self._replies: dict[int, deque[Reply]] = defaultdict(deque)
 
     @property
     def size(self) -> int:
@@ -84,10 +97,14 @@ class InProcessPool(WorkerPool):
     def name(self, index: int) -> str:
         return f"inproc-{index}"
 
-    def call(self, index: int, job: Job) -> Reply:
+    def submit(self, index: int, job: Job) -> None:
+        """Runs the job at once (there is nothing to overlap with in one thread)."""
         self.stats.bytes_sent += tensor_bytes(job)
         self.stats.messages_sent += 1
-        reply = self.cores[index].handle(job)
+        self._replies[index].append(self.cores[index].handle(job))
+
+    def collect(self, index: int) -> Reply:
+        reply = self._replies[index].popleft()
         self.stats.bytes_received += tensor_bytes(reply)
         self.stats.messages_received += 1
         return reply
@@ -111,11 +128,19 @@ class LinkPool(WorkerPool):
     def name(self, index: int) -> str:
         return self._links[index].peer
 
-    def call(self, index: int, job: Job) -> Reply:
-        link = self._links[index]
+    def submit(self, index: int, job: Job) -> None:
+        with self._link_errors(index):
+            self._links[index].send(job)
+
+    def collect(self, index: int) -> Reply:
+        with self._link_errors(index):
+            return self._links[index].recv(timeout=self.timeout)
+
+    @contextmanager
+    def _link_errors(self, index: int) -> Iterator[None]:
+        """Add what is known about a lost or silent worker to the error; keep the traffic counters current."""
         try:
-            link.send(job)
-            return link.recv(timeout=self.timeout)
+            yield
         except WorkerLostError as e:
             raise WorkerLostError(f"{e}{self._lost_detail(index)}") from None
         except WorkerTimeoutError as e:

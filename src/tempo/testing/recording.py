@@ -25,10 +25,13 @@ class RecordingPool(WorkerPool):
     def name(self, index: int) -> str:
         return self.inner.name(index)
 
-    def call(self, index: int, job: Job) -> Reply:
+    def submit(self, index: int, job: Job) -> None:
         self.received += [(field, t.clone()) for field, t in message_tensors(job)]
         self.jobs.append(type(job).__name__)
-        reply = self.inner.call(index, job)
+        self.inner.submit(index, job)
+
+    def collect(self, index: int) -> Reply:
+        reply = self.inner.collect(index)
         self.returned += [(field, t.clone()) for field, t in message_tensors(reply)]
         self.stats = self.inner.stats
         return reply
