@@ -13,7 +13,8 @@ from torch import nn
 
 import tempo
 from conftest import protect_quietly
-from tempo.enclave.pools import InProcessPool, ProcessPool
+from tempo.enclave.distributed import ProcessPool
+from tempo.enclave.pools import InProcessPool
 from tempo.errors import WorkerLostError
 from tempo.testing.faults import Lie, LyingWorkerCore
 from tempo.training.config import TrainConfig

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from netns import hosts
+from tempo.testing.netns import hosts
 from tempo.training.config import TrainConfig
 from tempo.training.loop import train
 
@@ -37,7 +37,8 @@ def local_losses(tmp_path_factory) -> list[float]:
 @pytest.mark.parametrize("workers", [1, 2, 3])
 def test_workers_on_other_hosts_train_as_local_ones_do(workers, local_losses, tmp_path):
     (tmp_path / "token").write_bytes(TOKEN)
-    with hosts(workers + 1) as (enclave, *gpus):
+    with hosts(workers + 1) as network:
+        enclave, *gpus = network.hosts
         address = f"{enclave.address}:{PORT}"
         trainer = subprocess.Popen(enclave.command(sys.executable, "-m", "tempo.cli", "train", "--listen", address,
                                                    "--workers", str(workers), "--token-file", str(tmp_path / "token"),
@@ -58,7 +59,8 @@ def test_workers_on_other_hosts_train_as_local_ones_do(workers, local_losses, tm
 def test_a_worker_with_the_wrong_token_is_refused_across_hosts(tmp_path):
     (tmp_path / "token").write_bytes(TOKEN)
     (tmp_path / "wrong").write_bytes(b"some-other-token-0123456789abcdef")
-    with hosts(3) as (enclave, stranger, gpu):
+    with hosts(3) as network:
+        enclave, stranger, gpu = network.hosts
         address = f"{enclave.address}:{PORT + 1}"
         trainer = subprocess.Popen(enclave.command(sys.executable, "-m", "tempo.cli", "train", "--listen", address,
                                                    "--workers", "1", "--token-file", str(tmp_path / "token"),
@@ -75,3 +77,13 @@ def test_a_worker_with_the_wrong_token_is_refused_across_hosts(tmp_path):
         assert trainer.returncode == 0, err
         assert worker.wait(timeout=60) == 0
     assert "refused the worker in slot 1: wrong token" in out + err
+
+
+def test_a_rate_cap_puts_a_token_bucket_on_both_ends_of_each_link():
+    with hosts(1, rate="100mbit") as network:
+        (host,) = network.hosts
+        inside = subprocess.run(host.command("tc", "qdisc", "show"), capture_output=True, text=True).stdout
+        outside = subprocess.run(["tc", "qdisc", "show"], capture_output=True, text=True).stdout
+    assert "tbf" in inside and "rate 100Mbit" in inside
+    assert any("tbf" in line and "rate 100Mbit" in line and f"tv{host.namespace.split('-')[1]}h0" in line
+               for line in outside.splitlines())

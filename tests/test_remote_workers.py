@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from conftest import protect_quietly
+from tempo.enclave.distributed import DistributedPool
 from tempo.enclave.pools import InProcessPool
-from tempo.enclave.remote_pool import DistributedPool
 from tempo.errors import ConfigError, WorkerLostError
 
 TOKEN = b"a-secret-token-of-at-least-16-bytes"

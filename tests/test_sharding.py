@@ -34,7 +34,7 @@ class LoggingPool(InProcessPool):
 @pytest.mark.parametrize("scheme", ["none", "permute", "mix"])
 def test_rows_are_split_across_workers_and_sent_before_any_reply_is_awaited(scheme):
     pool = LoggingPool(3)
-    compare_with_plain(nn.Linear(6, 4), [torch.randn(7, 6, requires_grad=True)], pool, scheme=scheme)
+    compare_with_plain(nn.Linear(6, 2), [torch.randn(7, 6, requires_grad=True)], pool, scheme=scheme)
     assert pool.forward_rows == [(0, 3), (1, 2), (2, 2)]
     forward, backward = pool.events[:6], pool.events[6:]
     expected = [("submit", 0), ("submit", 1), ("submit", 2), ("collect", 0), ("collect", 1), ("collect", 2)]
@@ -64,17 +64,26 @@ def test_sharded_training_matches_unsharded_training():
 
 def test_each_shard_has_its_own_key():
     pool = RecordingPool(InProcessPool(2))
-    net = protect_quietly(nn.Linear(8, 8), pool, scheme="mix")
+    net = protect_quietly(nn.Linear(8, 2), pool, scheme="mix")
     net(torch.randn(6, 8))
     (x0, w0), (x1, w1) = [dict(pool.received[i:i + 2]).values() for i in (0, 2)]
-    assert x0.shape == x1.shape == (3, 8)
+    assert x0.shape == x1.shape == (3, 8) and w0.shape == w1.shape == (2, 8)
     assert not torch.allclose(w0, w1, atol=1e-3)  # the same weight, blinded under two keys
 
 
 def test_fewer_rows_than_workers_uses_one_shard_per_row():
     pool = LoggingPool(3)
-    compare_with_plain(nn.Linear(5, 2), [torch.randn(2, 5, requires_grad=True)], pool)
+    compare_with_plain(nn.Linear(5, 1), [torch.randn(2, 5, requires_grad=True)], pool)
     assert pool.forward_rows == [(0, 1), (1, 1)]
+
+
+def test_an_op_whose_weight_outweighs_its_rows_is_not_split():
+    """Each shard costs a W' out and a dW' back: 3 rows of 8 values against 64 weights stay whole, and
+    24 rows against 16 weights make (at most) one shard per 16 values."""
+    pool = LoggingPool(3)
+    compare_with_plain(nn.Linear(8, 8), [torch.randn(3, 8, requires_grad=True)], pool)
+    compare_with_plain(nn.Linear(8, 2), [torch.randn(4, 8, requires_grad=True)], pool)
+    assert [rows for _, rows in pool.forward_rows] == [3, 2, 2]
 
 
 def test_batched_matmuls_are_not_split():

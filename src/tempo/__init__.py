@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "protect": "tempo.enclave.engine",
     "ProtectedModel": "tempo.enclave.engine",
-    "local_workers": "tempo.enclave.pools",
+    "local_workers": "tempo.enclave.distributed",
     "WorkerPool": "tempo.enclave.pools",
     "SCHEMES": "tempo.schemes",
     "TempoError": "tempo.errors",

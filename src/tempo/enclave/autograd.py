@@ -48,7 +48,7 @@ def offload(engine: Engine, kind: ProductKind, x: Tensor, w: Tensor, *, name: st
     problem = kind.check_operands(x.shape, w.shape)
     if problem:
         raise ValueError(f"op '{name}': {problem}")
-    op = ShardedOp(engine, kind, name, engine.shards(kind, x.shape[0]))
+    op = ShardedOp(engine, kind, name, engine.shards(kind, x, w))
     if not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
         return op.forward(x, w)  # nothing kept on the workers
     op.keep_x, op.keep_w = w.requires_grad, x.requires_grad  # dW' needs X'; dX' needs W'

@@ -75,14 +75,16 @@ class Engine:
         raise WorkerError("no workers left: " + "; ".join(f"{self.pool.name(w)} {why}"
                                                            for w, why in self.retired.items()))
 
-    def shards(self, kind: ProductKind, rows: int) -> int:
-        """Into how many row shards to split an invocation: one per live worker, for the products whose
-        rows are independent samples (linear, conv2d). Not split: batched matmuls (a batch entry is a
-        head or a group, not a sample), resident weights (they live on one worker), and recorded runs
-        (the leakage suite models one job per op)."""
+    def shards(self, kind: ProductKind, x: Tensor, w: Tensor) -> int:
+        """Into how many row shards to split an invocation of a product whose rows are independent
+        samples (linear, conv2d): up to one per live worker, but no more than X holds weights' worth of
+        values (each shard costs a W' out and a dW' back, so an op whose weight outweighs its rows, a
+        late convolution on a small map, is not worth splitting). Not split: batched matmuls (a batch
+        entry is a head or a group, not a sample), resident weights (they live on one worker), and
+        recorded runs (the leakage suite models one job per op)."""
         if kind.name not in ("linear", "conv2d") or self.residency is not None or self.truth is not None:
             return 1
-        return max(1, min(self.pool.size - len(self.retired), rows))
+        return max(1, min(self.pool.size - len(self.retired), x.shape[0], x.numel() // w.numel()))
 
     def can_replace(self, worker: int) -> bool:
         """Whether another live worker could take over `worker`'s work."""

@@ -1,25 +1,23 @@
-"""Worker pools on one machine: in-process (no transport) and separate worker processes.
+"""Worker pools: the interface, in-process workers (no transport) and workers behind links.
 
 A pool only moves jobs and replies and counts the bytes; it trusts nothing it receives (the
-protocol validates every reply). Both backends run the same :class:`~tempo.worker.WorkerCore`.
+protocol validates every reply). Every backend runs the same :class:`~tempo.worker.WorkerCore`;
+pools over torch.distributed links (local processes and remote hosts) are in
+:mod:`tempo.enclave.distributed`.
 """
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 from abc import ABC, abstractmethod
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 
-from ..errors import ConfigError, WorkerLostError, WorkerTimeoutError
-from ..wire.messages import Job, Reply, Shutdown, message_tensors
-from ..wire.transport import SocketTransport, TrafficStats, Transport
+from ..errors import WorkerLostError
+from ..wire.messages import Job, Reply, message_tensors
+from ..wire.transport import TrafficStats, Transport
 from ..worker.core import WorkerCore
 from ..worker.recorder import RecordingCore
 
@@ -120,6 +118,7 @@ class LinkPool(WorkerPool):
         super().__init__()
         self.timeout = timeout
         self._links: list[Transport] = []
+        self._in_flight: Counter[int] = Counter()  # jobs sent and not yet answered, per worker
 
     @property
     def size(self) -> int:
@@ -130,96 +129,30 @@ class LinkPool(WorkerPool):
 
     def submit(self, index: int, job: Job) -> None:
         with self._link_errors(index):
+            self._in_flight[index] += 1
             self._links[index].send(job)
 
     def collect(self, index: int) -> Reply:
         with self._link_errors(index):
-            return self._links[index].recv(timeout=self.timeout)
+            reply = self._links[index].recv(timeout=self.timeout)
+            self._in_flight[index] -= 1
+            return reply
+
+    def busy(self, index: int) -> bool:
+        """Whether worker `index` holds a job not yet answered: interrupted mid-round, or stalled, or dead.
+        Such a link is not sent a Shutdown on close (the worker may be blocked sending its reply)."""
+        return self._in_flight[index] > 0
 
     @contextmanager
     def _link_errors(self, index: int) -> Iterator[None]:
-        """Add what is known about a lost or silent worker to the error; keep the traffic counters current."""
+        """Add what is known about a lost worker to the error; keep the traffic counters current."""
         try:
             yield
         except WorkerLostError as e:
             raise WorkerLostError(f"{e}{self._lost_detail(index)}") from None
-        except WorkerTimeoutError as e:
-            raise WorkerTimeoutError(f"{e} (timeout {self.timeout} s)") from None
         finally:
             self.stats = summed_stats(self._links)
 
     def _lost_detail(self, index: int) -> str:
         """What else is known about a lost worker (appended to the error)."""
         return ""
-
-
-class ProcessPool(LinkPool):
-    """Each worker is a separate `python -m tempo.worker` process joined by a socket pair."""
-
-    def __init__(self, n: int, *, timeout: float = DEFAULT_TIMEOUT_S, device: str | None = None,
-                 record: Path | None = None, record_steps: int | None = None,
-                 record_until: int | None = None):
-        super().__init__(timeout)
-        self._procs: list[subprocess.Popen] = []
-        try:
-            for i in range(n):
-                extra = ["--device", device] if device else []
-                if record is not None:
-                    extra += ["--record", str(record / f"worker-{i}")]
-                    extra += ["--record-steps", str(record_steps)] if record_steps else []
-                    extra += ["--record-until", str(record_until)] if record_until else []
-                self._spawn(i, extra)
-        except BaseException:
-            self.close()
-            raise
-
-    def _spawn(self, i: int, extra: list[str]) -> None:
-        ours, theirs = socket.socketpair()
-        cmd = [sys.executable, "-m", "tempo.worker", "--fd", str(theirs.fileno()), "--name", f"worker-{i}", *extra]
-        # PASSIVE: idle OpenMP threads sleep instead of spinning, so the enclave and the workers
-        # sharing cores do not starve each other. A new session keeps Ctrl-C for the enclave alone.
-        env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
-        proc = subprocess.Popen(cmd, pass_fds=[theirs.fileno()], env=env, start_new_session=True)
-        theirs.close()
-        self._procs.append(proc)
-        self._links.append(SocketTransport(ours, peer=f"worker-{i} (pid {proc.pid})"))
-
-    def _lost_detail(self, index: int) -> str:
-        code = self._procs[index].poll()
-        return f"; the worker process {f'exited with code {code}' if code is not None else 'is still running'}"
-
-    def close(self) -> None:
-        for link, proc in zip(self._links, self._procs, strict=False):
-            if proc.poll() is None:
-                try:
-                    link.send(Shutdown())
-                except WorkerLostError:
-                    pass
-            link.close()
-        for proc in self._procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        self._procs, self._links = [], []
-
-
-def local_workers(n: int = 2, *, in_process: bool = False, timeout: float = DEFAULT_TIMEOUT_S,
-                  device: str | None = None, record: Path | None = None, record_steps: int | None = None,
-                  record_until: int | None = None) -> WorkerPool:
-    """Start `n` workers on this machine: separate processes by default, or objects in this process.
-
-    `record`: every worker also writes a transcript of its training traffic to ``record/worker-i``
-    (the colluding adversary of the leakage suite), keeping the last `record_steps` steps up to
-    step `record_until`.
-    """
-    if n < 1:
-        raise ConfigError(f"need at least one worker, got {n}")
-    if record_steps is not None and record_steps < 1:
-        raise ConfigError(f"record_steps must be >= 1, got {record_steps}")
-    if in_process:
-        return InProcessPool(n, device=device, record=record, record_steps=record_steps,
-                             record_until=record_until)
-    return ProcessPool(n, timeout=timeout, device=device, record=record, record_steps=record_steps,
-                       record_until=record_until)

@@ -1,4 +1,4 @@
-"""Row sharding: one invocation of an op split by rows across the live workers.
+"""Row sharding: one invocation of an op split by rows across the live workers (:meth:`Engine.shards`).
 
 The rows of X (samples, or samples x tokens) are independent, so Y = X W splits into row
 blocks Y_i = X_i W computed on different workers, each shard an :class:`OffloadedOp` with its

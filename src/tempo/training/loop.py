@@ -80,7 +80,7 @@ def _workers(config: TrainConfig) -> WorkerPool:
     import tempo
 
     if config.listen is not None:
-        from ..enclave.remote_pool import DistributedPool
+        from ..enclave.distributed import DistributedPool
         from ..wire.dist import read_token
 
         if config.token_file is None:

@@ -13,7 +13,7 @@ from .messages import (
     Shutdown,
     Update,
 )
-from .transport import SocketTransport, TrafficStats
+from .transport import TrafficStats
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -25,7 +25,6 @@ __all__ = [
     "Message",
     "Result",
     "Shutdown",
-    "SocketTransport",
     "TrafficStats",
     "Update",
     "decode",

@@ -37,6 +37,7 @@ from .messages import PROTOCOL_VERSION, Message
 from .transport import DEFAULT_MAX_MESSAGE_BYTES, TrafficStats
 
 PREFIX = "tempo/"
+FOREVER_S = 10 * 365 * 86400.0
 MIN_TOKEN_BYTES = 16
 
 
@@ -52,9 +53,10 @@ def read_token(path: Path) -> bytes:
     return token
 
 
-def parse_address(text: str) -> tuple[str, int]:
+def parse_address(text: str, *, allow_any_port: bool = False) -> tuple[str, int]:
+    """HOST:PORT; port 0 (any free port) only with `allow_any_port`."""
     host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not port.isdigit() or not (0 if allow_any_port else 1) <= int(port) < 65536:
         raise ConfigError(f"an address is HOST:PORT, got {text!r}")
     return host, int(port)
 
@@ -102,38 +104,46 @@ def connect(address: str, token: bytes, name: str, *, timeout: float) -> tuple[P
     answer = store.get(f"{PREFIX}accept/{slot}").decode()
     if answer != "ok":
         raise ConfigError(f"the enclave at {address} refused this worker: {answer.removeprefix('refused: ')}")
-    group = pair_group(store, slot, 1, timeout, local_address_towards(host, port))
-    return PairTransport(group, me=1, peer=f"enclave at {address}"), store
+    group = pair_group(store, slot, 1, FOREVER_S, local_address_towards(host, port))
+    # A reply may wait unread while the enclave waits on other workers or runs its own layers: the
+    # worker's sends wait as long as the link lives (a dead enclave closes it).
+    return PairTransport(group, me=1, peer=f"enclave at {address}", send_timeout=FOREVER_S), store
 
 
 class PairTransport:
-    """Codec frames over a two-rank gloo group: an int64 length (tag 0), then the bytes (tag 1)."""
+    """Codec frames over a two-rank gloo group: an int64 length (tag 0), then the bytes (tag 1).
 
-    def __init__(self, group: ProcessGroupGloo, *, me: int, peer: str,
+    A gloo send completes only once the peer receives, so `send_timeout` bounds how long a send
+    waits for a peer that stopped reading (a stalled worker)."""
+
+    def __init__(self, group: ProcessGroupGloo, *, me: int, peer: str, send_timeout: float,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
         self.group, self.other, self.peer, self.max_message_bytes = group, 1 - me, peer, max_message_bytes
+        self.send_timeout = send_timeout
         self.stats = TrafficStats()
 
-    def _run(self, op: str, tensor: torch.Tensor, tag: int, timeout: float | None) -> None:
+    def _run(self, op: str, tensor: torch.Tensor, tag: int, timeout: float) -> None:
         """One p2p op to the other rank; a dead, reset or silent peer becomes the worker error that says so."""
-        what = "send" if op == "send" else "receive"
         try:
-            work = getattr(self.group, op)([tensor], self.other, tag)
-            work.wait(datetime.timedelta(seconds=timeout)) if timeout is not None else work.wait()
+            getattr(self.group, op)([tensor], self.other, tag).wait(datetime.timedelta(seconds=timeout))
         except RuntimeError as e:
             text = " ".join(str(e).split())
             if "imed out" in text or "timeout" in text.lower():
-                raise WorkerTimeoutError(f"{self.peer} sent nothing for {timeout} s ({what})") from None
-            raise WorkerLostError(f"link to {self.peer} lost ({what}): {text[:200]}") from None
+                raise WorkerTimeoutError(f"{self.peer} sent nothing for {timeout} s" if op == "recv" else
+                                         f"{self.peer} took no message for {timeout} s") from None
+            raise WorkerLostError(f"link to {self.peer} lost ({'send' if op == 'send' else 'receive'}): "
+                                  f"{text[:200]}") from None
 
     def send(self, msg: Message) -> None:
         frame = encode(msg)
-        self._run("send", torch.tensor([len(frame)], dtype=torch.int64), 0, None)
-        self._run("send", torch.frombuffer(bytearray(frame), dtype=torch.uint8), 1, None)
+        self._run("send", torch.tensor([len(frame)], dtype=torch.int64), 0, self.send_timeout)
+        self._run("send", torch.frombuffer(bytearray(frame), dtype=torch.uint8), 1, self.send_timeout)
         self.stats.bytes_sent += len(frame) + 8
         self.stats.messages_sent += 1
 
     def recv(self, timeout: float | None = None) -> Message:
+        """The next message; no `timeout`: wait as long as the link lives (a worker between jobs)."""
+        timeout = FOREVER_S if timeout is None else timeout
         length = torch.empty(1, dtype=torch.int64)
         self._run("recv", length, 0, timeout)
         n = int(length.item())

@@ -1,0 +1,202 @@
+"""Workers over torch.distributed: on other hosts, or as local processes, joined the same way.
+
+``tempo train --listen HOST:PORT --workers N --token-file T`` hosts the rendezvous and waits until N
+workers have proved the token (:mod:`tempo.wire.dist`); ``tempo worker --connect HOST:PORT
+--token-file T`` runs on each GPU host. A worker with a wrong token or another protocol version is
+refused with the reason on both sides and does not count toward N. The local default
+(:class:`ProcessPool`) starts N worker processes that join the same way over loopback with a
+one-time token, so local and remote runs share one transport and one failure model.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hmac
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from torch.distributed import TCPStore
+
+from ..errors import ConfigError, WorkerLostError, WorkerTimeoutError
+from ..wire.dist import PREFIX, PairTransport, join_proof, pair_group, parse_address
+from ..wire.messages import PROTOCOL_VERSION, Shutdown
+from .pools import DEFAULT_TIMEOUT_S, InProcessPool, LinkPool, WorkerPool
+
+DEFAULT_JOIN_TIMEOUT_S = 600.0
+CLOSE_TIMEOUT_S = 5.0  # how long a Shutdown may wait for an idle worker to take it
+
+
+class DistributedPool(LinkPool):
+    """N workers that joined through the rendezvous this pool hosts on `listen` (port 0: any free port)."""
+
+    def __init__(self, n: int, *, listen: str, token: bytes, timeout: float = DEFAULT_TIMEOUT_S,
+                 join_timeout: float = DEFAULT_JOIN_TIMEOUT_S, log: Callable[[str], None] = print):
+        super().__init__(timeout)
+        if n < 1:
+            raise ConfigError(f"need at least one worker, got {n}")
+        host, port = parse_address(listen, allow_any_port=True)
+        self._token, self._log = token, log
+        self._bind = host if host not in ("0.0.0.0", "") else socket.gethostbyname(socket.gethostname())
+        try:
+            self._store = TCPStore(host, port, is_master=True, wait_for_workers=False,
+                                   timeout=datetime.timedelta(seconds=join_timeout))
+        except (RuntimeError, OSError) as e:
+            raise ConfigError(f"cannot listen on {listen}: {' '.join(str(e).split())[:200]}") from None
+        self.address = f"{host}:{self._store.port}"
+        self._challenge = os.urandom(32)
+        self._store.set(PREFIX + "version", str(PROTOCOL_VERSION))
+        self._store.set(PREFIX + "challenge", self._challenge.hex())
+        self.joined: list[str] = []  # the name each worker joined with, in link order
+        self._listening(n)
+        self._await_workers(n, join_timeout)
+
+    def _listening(self, n: int) -> None:
+        """The rendezvous is up at ``self.address``: tell whoever starts the workers."""
+        self._log(f"waiting for {n} worker(s) on {self.address} "
+                  f"(tempo worker --connect {self.address} --token-file ...)")
+
+    def _await_workers(self, n: int, join_timeout: float) -> None:
+        deadline, slot = time.monotonic() + join_timeout, 0
+        while len(self._links) < n:
+            slot += 1
+            while not self._store.check([f"{PREFIX}join/{slot}"]):
+                self._still_joining()
+                if time.monotonic() > deadline:
+                    raise WorkerTimeoutError(f"only {len(self._links)} of {n} workers joined within "
+                                             f"{join_timeout} s on {self.address}")
+                time.sleep(0.05)
+            name, link = self._admit(slot)
+            if link is not None:
+                self._links.append(link)
+                self.joined.append(name)
+                self._log(f"{link.peer} joined ({len(self._links)}/{n})")
+
+    def _still_joining(self) -> None:
+        """Called while waiting for a join: raise if the workers can no longer come."""
+
+    def _admit(self, slot: int) -> tuple[str, PairTransport | None]:
+        """The worker in `slot`: its name and pair link, or no link (and the reason, to it and to the log)."""
+        try:
+            request = json.loads(self._store.get(f"{PREFIX}join/{slot}"))
+            name, version, proof = str(request["name"])[:64], int(request["version"]), str(request["proof"])
+        except (ValueError, KeyError, TypeError):
+            return "?", self._refuse(slot, "a malformed join request")
+        if version != PROTOCOL_VERSION:
+            return name, self._refuse(slot, f"protocol version {version}; this enclave speaks {PROTOCOL_VERSION}")
+        if not hmac.compare_digest(proof, join_proof(self._token, self._challenge, slot)):
+            return name, self._refuse(slot, "wrong token")
+        self._store.set(f"{PREFIX}accept/{slot}", "ok")
+        group = pair_group(self._store, slot, 0, self.timeout, self._bind)
+        return name, PairTransport(group, me=0, peer=f"worker {name!r} (slot {slot})", send_timeout=self.timeout)
+
+    def _refuse(self, slot: int, reason: str) -> None:
+        self._store.set(f"{PREFIX}accept/{slot}", f"refused: {reason}")
+        self._log(f"refused the worker in slot {slot}: {reason}")
+        return None
+
+    def close(self) -> None:
+        """Tell every idle worker to stop; drop the links (a worker still mid-job sees its link close)."""
+        for i, link in enumerate(self._links):
+            if self.busy(i):
+                continue
+            link.send_timeout = CLOSE_TIMEOUT_S
+            try:
+                link.send(Shutdown())
+            except (WorkerLostError, WorkerTimeoutError):
+                pass
+        self._links = []
+
+
+class ProcessPool(DistributedPool):
+    """Each worker a separate ``python -m tempo.worker`` process that this pool starts and that joins it
+    with a one-time token (a 0600 file, deleted once the pool is up): by default on this machine over
+    loopback. `launch(i, argv)` gives the command line that runs worker i's `argv` elsewhere (inside a
+    network namespace, say: ``benchmarks/worker_scaling.py``); `listen` must then be reachable from there."""
+
+    def __init__(self, n: int, *, timeout: float = DEFAULT_TIMEOUT_S, device: str | None = None,
+                 record: Path | None = None, record_steps: int | None = None, record_until: int | None = None,
+                 join_timeout: float = 120.0, listen: str = "127.0.0.1:0",
+                 launch: Callable[[int, list[str]], list[str]] | None = None):
+        self._procs: list[subprocess.Popen] = []
+        self._launch = launch or (lambda _, argv: argv)
+        self._worker_args = []
+        for i in range(n):
+            args = ["--name", f"worker-{i}", "--timeout", str(join_timeout)] + (["--device", device] if device else [])
+            if record is not None:
+                args += ["--record", str(record / f"worker-{i}")]
+                args += ["--record-steps", str(record_steps)] if record_steps else []
+                args += ["--record-until", str(record_until)] if record_until else []
+            self._worker_args.append(args)
+        token = secrets.token_hex(32).encode()
+        with tempfile.TemporaryDirectory(prefix="tempo-pool-") as private:
+            self._token_file = Path(private) / "token"
+            self._token_file.touch(mode=0o600)
+            self._token_file.write_bytes(token)
+            try:
+                super().__init__(n, listen=listen, token=token, timeout=timeout, join_timeout=join_timeout,
+                                 log=lambda _: None)
+            except BaseException:
+                self.close()
+                raise
+        by_name = dict(zip(self.joined, self._links, strict=True))
+        self._links = [by_name[f"worker-{i}"] for i in range(n)]
+        for i, (link, proc) in enumerate(zip(self._links, self._procs, strict=True)):
+            link.peer = f"worker-{i} (pid {proc.pid})"
+
+    def _listening(self, n: int) -> None:
+        # PASSIVE: idle OpenMP threads sleep instead of spinning, so the enclave and the workers
+        # sharing cores do not starve each other. A new session keeps Ctrl-C for the enclave alone.
+        env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
+        for i, args in enumerate(self._worker_args):
+            argv = [sys.executable, "-m", "tempo.worker", "--connect", self.address,
+                    "--token-file", str(self._token_file), *args]
+            self._procs.append(subprocess.Popen(self._launch(i, argv), env=env, start_new_session=True))
+
+    def _still_joining(self) -> None:
+        for i, proc in enumerate(self._procs):
+            if proc.poll() is not None:
+                raise WorkerLostError(f"worker-{i} (pid {proc.pid}) exited with code {proc.returncode} before "
+                                      "it joined (its error is above)")
+
+    def _lost_detail(self, index: int) -> str:
+        code = self._procs[index].poll()
+        return f"; the worker process {f'exited with code {code}' if code is not None else 'is still running'}"
+
+    def close(self) -> None:
+        busy = {i for i in range(len(self._links)) if self.busy(i)}
+        super().close()
+        for i, proc in enumerate(self._procs):
+            try:
+                proc.wait(timeout=0 if i in busy else 10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._procs = []
+
+
+def local_workers(n: int = 2, *, in_process: bool = False, timeout: float = DEFAULT_TIMEOUT_S,
+                  device: str | None = None, record: Path | None = None, record_steps: int | None = None,
+                  record_until: int | None = None) -> WorkerPool:
+    """Start `n` workers on this machine: separate processes by default, or objects in this process.
+
+    `record`: every worker also writes a transcript of its training traffic to ``record/worker-i``
+    (the colluding adversary of the leakage suite), keeping the last `record_steps` steps up to
+    step `record_until`.
+    """
+    if n < 1:
+        raise ConfigError(f"need at least one worker, got {n}")
+    if record_steps is not None and record_steps < 1:
+        raise ConfigError(f"record_steps must be >= 1, got {record_steps}")
+    if in_process:
+        return InProcessPool(n, device=device, record=record, record_steps=record_steps,
+                             record_until=record_until)
+    return ProcessPool(n, timeout=timeout, device=device, record=record, record_steps=record_steps,
+                       record_until=record_until)
