@@ -7,16 +7,19 @@ split over the workers) on the same synthetic batches:
 * ``loopback``: N local worker processes that join over 127.0.0.1 (``tempo train --workers N``);
 * ``netns``: N workers in their own network namespaces, each behind a veth to a bridge whose
   address the enclave (this process, root namespace) listens on: the two-host setup on one machine;
-* ``netns 1gbit``: the same with every worker's link capped at ``--rate`` (default 1gbit) in both
+* ``netns-capped``: the same with every worker's link capped at ``--rate`` (default 1gbit) in both
   directions by ``tc tbf``, to show when the wire becomes the bottleneck.
 
 Reported per configuration: median step time, bytes sent and received per step (all links
-together) and the time those bytes need at the cap if the links carry them in parallel (the wire's
-floor). On this 2-core machine the enclave and every worker share the same two cores, so more
-workers cannot make compute faster here: what the numbers can show is the cost of sharding
-(messages, W' sent to every worker) and where a capped wire starts to dominate; what they cannot
-show is the speed-up of N real GPUs. Needs root and iproute2 for the netns rows (``--only loopback``
-skips them).
+together); for capped links also the time those bytes take at the cap one after another (an upper
+bound on the wire's share: the ops of a step depend on each other, so little of their traffic can
+overlap) and what the cap added to the step time of the same workers uncapped.
+
+On this 2-core machine the enclave and every worker share the same two cores, so more workers
+cannot make compute faster here: what the numbers can show is the cost of sharding (messages, W'
+sent to every worker of a split op) and where a capped wire starts to dominate; what they cannot
+show is the speed-up of N real GPUs. Needs root and iproute2 for the netns rows (``--only
+loopback`` skips them).
 
 Usage::
 
@@ -59,11 +62,19 @@ class Row:
     sent: list[int] = field(default_factory=list)
     received: list[int] = field(default_factory=list)
 
-    def line(self, rate_bits: float | None) -> str:
-        step, sent, received = (statistics.median(v) for v in (self.step_s, self.sent, self.received))
-        floor = f"{max(sent, received) / self.workers * 8 / rate_bits * 1e3:.0f}" if rate_bits else "-"
+    def med(self, name: str) -> float:
+        return statistics.median(getattr(self, name))
+
+    def line(self, rate_bits: float, uncapped: Row | None) -> str:
+        """The row; a capped one also gives the time all its bytes take at the cap one after another, and
+        what the cap added to the step of the same workers uncapped."""
+        step, sent, received = self.med("step_s"), self.med("sent"), self.med("received")
+        wire = added = "-"
+        if self.link == "netns-capped":
+            wire = f"{(sent + received) * 8 / rate_bits * 1e3:.0f}"
+            added = f"{(step - uncapped.med('step_s')) * 1e3:+.0f}" if uncapped else "-"
         return (f"| {self.link} | {self.workers} | {step * 1e3:.0f} | {sent / 2**20:.1f} | {received / 2**20:.1f} | "
-                f"{floor} |")
+                f"{wire} | {added} |")
 
 
 def measure(row: Row, pool, base: torch.nn.Module, batches, *, steps: int, warmup: int) -> Row:
@@ -127,10 +138,12 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  [{link}, {n}] done in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     print(f"ResNet-18 1x28x28, batch {args.batch_size}, scheme mix, checks=2, anchors inside; {args.steps} measured "
           f"steps after {args.warmup} warm-up, medians; {os.cpu_count()} cores shared by the enclave and all workers")
-    print(f"\n| link | workers | step ms | MiB sent / step | MiB received / step | wire floor at {args.rate} ms |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(f"\n| link | workers | step ms | MiB sent / step | MiB received / step | sent + received at {args.rate}, "
+          "ms | added by the cap, ms |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    uncapped = {row.workers: row for row in rows if row.link == "netns"}
     for row in rows:
-        print(row.line(rate_bits if row.link == "netns-capped" else None))
+        print(row.line(rate_bits, uncapped.get(row.workers)))
     if args.json:
         write_json(args.json, {"args": vars(args), "rows": [asdict(r) for r in rows]})
 

@@ -111,7 +111,8 @@ class DistributedPool(LinkPool):
             try:
                 link.send(Shutdown())
             except (WorkerLostError, WorkerTimeoutError):
-                pass
+                continue
+            link.close()
         self._links = []
 
 

@@ -29,7 +29,7 @@ import socket
 from pathlib import Path
 
 import torch
-from torch.distributed import PrefixStore, ProcessGroupGloo, Store, TCPStore
+from torch.distributed import PrefixStore, ProcessGroupGloo, Store, TCPStore, Work
 
 from ..errors import ConfigError, ProtocolError, WorkerLostError, WorkerTimeoutError
 from .codec import decode, encode
@@ -113,47 +113,72 @@ def connect(address: str, token: bytes, name: str, *, timeout: float) -> tuple[P
 class PairTransport:
     """Codec frames over a two-rank gloo group: an int64 length (tag 0), then the bytes (tag 1).
 
-    A gloo send completes only once the peer receives, so `send_timeout` bounds how long a send
-    waits for a peer that stopped reading (a stalled worker)."""
+    A send only starts the transfer, which gloo carries on in the background, and returns: the
+    enclave blinds the next shard, and sends to other workers, while this one is on the wire. The
+    next send or receive on the link first waits for it. A gloo send completes only once the peer
+    receives, so `send_timeout` bounds that wait for a peer that stopped reading (a stalled worker).
+    """
 
     def __init__(self, group: ProcessGroupGloo, *, me: int, peer: str, send_timeout: float,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
         self.group, self.other, self.peer, self.max_message_bytes = group, 1 - me, peer, max_message_bytes
         self.send_timeout = send_timeout
         self.stats = TrafficStats()
+        self._sending: list[tuple[Work, torch.Tensor]] = []  # transfers in flight, with the buffers they read
 
-    def _run(self, op: str, tensor: torch.Tensor, tag: int, timeout: float) -> None:
-        """One p2p op to the other rank; a dead, reset or silent peer becomes the worker error that says so."""
+    def _start(self, op: str, tensor: torch.Tensor, tag: int) -> Work:
         try:
-            getattr(self.group, op)([tensor], self.other, tag).wait(datetime.timedelta(seconds=timeout))
+            return getattr(self.group, op)([tensor], self.other, tag)
         except RuntimeError as e:
-            text = " ".join(str(e).split())
-            if "imed out" in text or "timeout" in text.lower():
-                raise WorkerTimeoutError(f"{self.peer} sent nothing for {timeout} s" if op == "recv" else
-                                         f"{self.peer} took no message for {timeout} s") from None
-            raise WorkerLostError(f"link to {self.peer} lost ({'send' if op == 'send' else 'receive'}): "
-                                  f"{text[:200]}") from None
+            raise self._error(op, e, None) from None
+
+    def _wait(self, op: str, work: Work, timeout: float) -> None:
+        try:
+            work.wait(datetime.timedelta(seconds=timeout))
+        except RuntimeError as e:
+            raise self._error(op, e, timeout) from None
+
+    def _error(self, op: str, e: RuntimeError, timeout: float | None) -> WorkerLostError | WorkerTimeoutError:
+        """A dead, reset or silent peer as the worker error that says so."""
+        text = " ".join(str(e).split())
+        if "imed out" in text or "timeout" in text.lower():
+            return WorkerTimeoutError(f"{self.peer} sent nothing for {timeout} s" if op == "recv" else
+                                      f"{self.peer} took no message for {timeout} s")
+        return WorkerLostError(f"link to {self.peer} lost ({'send' if op == 'send' else 'receive'}): {text[:200]}")
+
+    def flush(self) -> None:
+        """Wait until what was sent has been received."""
+        sending, self._sending = self._sending, []
+        for work, _ in sending:
+            self._wait("send", work, self.send_timeout)
 
     def send(self, msg: Message) -> None:
+        self.flush()
         frame = encode(msg)
-        self._run("send", torch.tensor([len(frame)], dtype=torch.int64), 0, self.send_timeout)
-        self._run("send", torch.frombuffer(bytearray(frame), dtype=torch.uint8), 1, self.send_timeout)
+        length, payload = torch.tensor([len(frame)], dtype=torch.int64), torch.frombuffer(bytearray(frame),
+                                                                                          dtype=torch.uint8)
+        self._sending = [(self._start("send", length, 0), length), (self._start("send", payload, 1), payload)]
         self.stats.bytes_sent += len(frame) + 8
         self.stats.messages_sent += 1
 
     def recv(self, timeout: float | None = None) -> Message:
         """The next message; no `timeout`: wait as long as the link lives (a worker between jobs)."""
+        self.flush()
         timeout = FOREVER_S if timeout is None else timeout
         length = torch.empty(1, dtype=torch.int64)
-        self._run("recv", length, 0, timeout)
+        self._wait("recv", self._start("recv", length, 0), timeout)
         n = int(length.item())
         if not 0 < n <= self.max_message_bytes:
             raise ProtocolError(f"{self.peer} announced a {n}-byte message (limit {self.max_message_bytes})")
         payload = torch.empty(n, dtype=torch.uint8)
-        self._run("recv", payload, 1, timeout)
+        self._wait("recv", self._start("recv", payload, 1), timeout)
         self.stats.bytes_received += n + 8
         self.stats.messages_received += 1
         return decode(payload.numpy().tobytes(), max_bytes=self.max_message_bytes)
 
     def close(self) -> None:
-        """Nothing to release explicitly: the group goes with its last reference."""
+        """Deliver what is still being sent, if the peer takes it; the group goes with its last reference."""
+        try:
+            self.flush()
+        except (WorkerLostError, WorkerTimeoutError):
+            pass
