@@ -27,6 +27,14 @@ from .keys import KeyStream
 KAPPA = 16.0  # measured honest worst case ~2.2 over varied shapes (tests/test_integrity.py)
 
 
+def _max_abs(t: Tensor) -> float:
+    """max |t| (NaN if t holds one); aminmax is ~20x faster than the inf-norm on CPU."""
+    if t.numel() == 0:
+        return 0.0
+    lo, hi = torch.aminmax(t)
+    return max(-float(lo), float(hi)) if not (lo.isnan() or hi.isnan()) else math.nan
+
+
 def _root_sum_of_squares(kind: ProductKind, product: Product, u: Tensor, v: Tensor, checks: int,
                          shapes: OpShapes) -> Tensor:
     """sqrt of the per-entry sum of squared terms, scaled so the squares neither underflow nor overflow.
@@ -35,7 +43,7 @@ def _root_sum_of_squares(kind: ProductKind, product: Product, u: Tensor, v: Tens
     without rescaling the tolerance would collapse to zero and honest results would be rejected.
     """
     limit = torch.finfo(u.dtype).max ** 0.25
-    su, sv = (float(torch.linalg.vector_norm(t, math.inf)) for t in (u, v))
+    su, sv = _max_abs(u), _max_abs(v)
     if all(1 / limit < s < limit for s in (su, sv)) or su == 0 or sv == 0:
         return kind.sketch_squares(product, u, v, checks, shapes).sqrt()
     return kind.sketch_squares(product, u / su, v / sv, checks, shapes).sqrt() * (su * sv)
