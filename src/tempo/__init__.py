@@ -21,6 +21,7 @@ _LAZY = {
     "protect": "tempo.enclave.engine",
     "ProtectedModel": "tempo.enclave.engine",
     "local_workers": "tempo.enclave.distributed",
+    "remote_workers": "tempo.enclave.distributed",
     "WorkerPool": "tempo.enclave.pools",
     "SCHEMES": "tempo.schemes",
     "TempoError": "tempo.errors",

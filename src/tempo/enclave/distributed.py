@@ -26,7 +26,7 @@ from pathlib import Path
 from torch.distributed import TCPStore
 
 from ..errors import ConfigError, WorkerLostError, WorkerTimeoutError
-from ..wire.dist import PREFIX, PairTransport, join_proof, pair_group, parse_address
+from ..wire.dist import PREFIX, PairTransport, join_proof, pair_group, parse_address, read_token
 from ..wire.messages import PROTOCOL_VERSION, Shutdown
 from .pools import DEFAULT_TIMEOUT_S, InProcessPool, LinkPool, WorkerPool
 
@@ -201,3 +201,10 @@ def local_workers(n: int = 2, *, in_process: bool = False, timeout: float = DEFA
                              record_until=record_until)
     return ProcessPool(n, timeout=timeout, device=device, record=record, record_steps=record_steps,
                        record_until=record_until)
+
+
+def remote_workers(n: int, *, listen: str, token_file: Path, timeout: float = DEFAULT_TIMEOUT_S,
+                   join_timeout: float = DEFAULT_JOIN_TIMEOUT_S) -> DistributedPool:
+    """Host the rendezvous on `listen` (HOST:PORT) and wait until `n` workers (``tempo worker --connect
+    HOST:PORT --token-file T`` on each GPU host) have joined with the token in `token_file`."""
+    return DistributedPool(n, listen=listen, token=read_token(token_file), timeout=timeout, join_timeout=join_timeout)

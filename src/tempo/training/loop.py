@@ -80,15 +80,12 @@ def _workers(config: TrainConfig) -> WorkerPool:
     import tempo
 
     if config.listen is not None:
-        from ..enclave.distributed import DistributedPool
-        from ..wire.dist import read_token
-
         if config.token_file is None:
             raise ConfigError("--listen needs --token-file: workers join only with the job's secret token")
         if config.record is not None:
             raise ConfigError("--record works with local workers only (it records their side)")
-        return DistributedPool(config.workers, listen=config.listen, token=read_token(config.token_file),
-                               timeout=config.worker_timeout)
+        return tempo.remote_workers(config.workers, listen=config.listen, token_file=config.token_file,
+                                    timeout=config.worker_timeout)
     record = config.record
     return tempo.local_workers(config.workers, in_process=config.in_process_workers, timeout=config.worker_timeout,
                                record=None if record is None else record / "view",
