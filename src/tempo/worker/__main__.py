@@ -36,8 +36,9 @@ def main(argv: list[str] | None = None) -> int:
                 else RecordingCore(args.record, keep_steps=args.record_steps, until=args.record_until,
                                       device=args.device))
         return serve_remote(args.connect, args.token_file, args.name, core, timeout=args.timeout)
-    except WorkerLostError:
-        return 0  # the enclave went away: nothing left to do
+    except WorkerLostError as e:  # the enclave went away: nothing left to do
+        print(f"[{args.name}] stopping: {' '.join(str(e).split())[:200]}", file=sys.stderr)
+        return 0
     except KeyboardInterrupt:
         return 130
     return 0
