@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import tempfile
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from torch import nn
 
 import tempo
 from conftest import compare_with_plain, protect_quietly
+from tempo.enclave.distributed import ProcessPool
 from tempo.errors import ConfigError, WorkerLostError
 from tempo.wire import Failure, ForwardJob
 
@@ -49,6 +51,34 @@ def test_stalled_worker_times_out():
                 protect_quietly(nn.Linear(4, 4), pool)(torch.randn(2, 4))
         finally:
             os.kill(pool._procs[0].pid, signal.SIGCONT)
+
+
+def test_local_workers_join_over_loopback_and_the_token_file_is_gone(monkeypatch):
+    """Local processes use the remote workers' transport: a rendezvous on 127.0.0.1 and a one-time token,
+    whose file is deleted once every worker has joined."""
+    made = []
+    real = tempfile.TemporaryDirectory
+
+    def spy(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(tempfile, "TemporaryDirectory", spy)
+    with tempo.local_workers(2) as pool:
+        assert pool.address.startswith("127.0.0.1:") and sorted(pool.joined) == ["worker-0", "worker-1"]
+        assert [pool.name(i).split()[0] for i in range(2)] == ["worker-0", "worker-1"]
+        assert made and not os.path.exists(made[0].name)
+
+
+def test_a_worker_process_that_cannot_start_is_named(capfd):
+    with pytest.raises(WorkerLostError, match=r"worker-0 \(pid \d+\) exited with code 2 before it joined"):
+        ProcessPool(1, device="no-such-device:0", join_timeout=60)
+    assert "unknown device 'no-such-device:0'" in capfd.readouterr().err
+
+
+def test_an_unknown_device_is_refused_in_process():
+    with pytest.raises(ConfigError, match="unknown device 'gpu9'"):
+        tempo.local_workers(1, in_process=True, device="gpu9")
 
 
 def test_at_least_one_worker():

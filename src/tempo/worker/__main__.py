@@ -32,9 +32,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format=f"[{args.name}] %(message)s", stream=sys.stderr)
     try:
-        core = (WorkerCore(args.device) if args.record is None
-                else RecordingCore(args.record, keep_steps=args.record_steps, until=args.record_until,
-                                      device=args.device))
+        try:
+            core = (WorkerCore(args.device) if args.record is None
+                    else RecordingCore(args.record, keep_steps=args.record_steps, until=args.record_until,
+                                          device=args.device))
+        except ConfigError as e:
+            print(f"[{args.name}] error: {e}", file=sys.stderr)
+            return 2
         return serve_remote(args.connect, args.token_file, args.name, core, timeout=args.timeout)
     except WorkerLostError as e:  # the enclave went away: nothing left to do
         print(f"[{args.name}] stopping: {' '.join(str(e).split())[:200]}", file=sys.stderr)

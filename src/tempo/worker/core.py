@@ -13,9 +13,28 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..errors import ConfigError
 from ..products import ProductKind, make_kind
 from ..wire.messages import BackwardJob, Failure, ForwardJob, Install, Job, Reply, Result, Update
 from .resident import ResidentWeight
+
+
+def worker_device(name: str | torch.device | None) -> torch.device:
+    """The device a worker computes on: `name`, checked, or :func:`default_device`."""
+    if name is None:
+        return default_device()
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {str(name)!r} (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0 or (device.index is not None and device.index >= count):
+            raise ConfigError(f"device {str(name)!r} is not here: this host has {count} CUDA device(s)")
+        default_device()  # TF32 off
+    elif device.type != "cpu":
+        raise ConfigError(f"device {str(name)!r}: a worker computes on cpu or cuda")
+    return device
 
 
 def default_device() -> torch.device:
@@ -46,7 +65,7 @@ class WorkerCore:
     """Stateful job executor. One per worker; not thread-safe."""
 
     def __init__(self, device: torch.device | str | None = None):
-        self.device = torch.device(device) if device is not None else default_device()
+        self.device = worker_device(device)
         self._kept: dict[int, _Kept] = {}
         self._resident: dict[int, ResidentWeight] = {}
 
