@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -54,6 +55,48 @@ def test_workers_on_other_hosts_train_as_local_ones_do(workers, local_losses, tm
             assert worker.wait(timeout=60) == 0, worker.stderr.read()
     assert f"joined ({workers}/{workers})" in out + err
     assert _losses(tmp_path / "run") == pytest.approx(local_losses, rel=1e-4)
+
+
+def test_a_worker_cut_off_the_network_mid_run_is_replaced(tmp_path):
+    """Two workers on other hosts; after 3 steps one host's link goes down. The enclave waits
+    --worker-timeout for it, retires it, redoes its shard on the other worker, and the run ends with
+    the losses of an in-process run."""
+    (tmp_path / "token").write_bytes(TOKEN)
+    run = ["--model", "small_cnn", "--train-subset", "640", "--test-subset", "100", "--batch-size", "64",
+           "--epochs", "1", "--seed", "5", "--no-progress"]
+    local = tmp_path / "local"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(TrainConfig(model="small_cnn", train_subset=640, test_subset=100, batch_size=64, epochs=1, seed=5,
+                          in_process_workers=True, workers=1, progress=False, out=local), log=lambda _: None)
+    with hosts(3) as network:
+        enclave, gpu, doomed = network.hosts
+        address = f"{enclave.address}:{PORT + 2}"
+        trainer = subprocess.Popen(enclave.command(sys.executable, "-m", "tempo.cli", "train", "--listen", address,
+                                                   "--workers", "2", "--token-file", str(tmp_path / "token"),
+                                                   "--worker-timeout", "5", "--out", str(tmp_path / "run"), *run),
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        workers = [subprocess.Popen(host.command(sys.executable, "-m", "tempo.cli", "worker", "--connect", address,
+                                                 "--token-file", str(tmp_path / "token"), "--name", host.namespace,
+                                                 "--timeout", "120"),
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                   for host in (gpu, doomed)]
+        try:
+            steps = tmp_path / "run" / "steps.jsonl"
+            deadline = time.monotonic() + 180
+            while not (steps.exists() and steps.read_text().count("\n") >= 3):
+                assert time.monotonic() < deadline and trainer.poll() is None, trainer.stderr.read()
+                time.sleep(0.05)
+            subprocess.run(doomed.command("ip", "link", "set", doomed.interface, "down"), check=True)
+            _, err = trainer.communicate(timeout=300)
+            assert trainer.returncode == 0, err
+            assert workers[0].wait(timeout=60) == 0
+        finally:
+            for worker in workers:
+                worker.kill()  # the cut-off worker waits for an enclave it can no longer hear
+    (fault,) = [json.loads(line) for line in (tmp_path / "run" / "faults.jsonl").read_text().splitlines()]
+    assert doomed.namespace in fault["worker"] and fault["kind"] in ("stalled", "lost"), fault
+    assert _losses(tmp_path / "run") == pytest.approx(_losses(local), rel=1e-4)
 
 
 def test_a_worker_with_the_wrong_token_is_refused_across_hosts(tmp_path):

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 class Host:
     namespace: str
     address: str
+    interface: str  # its end of the veth, inside the namespace
 
     def command(self, *args: str) -> list[str]:
         """`args` run inside this host's namespace."""
@@ -53,8 +54,8 @@ def hosts(n: int, *, rate: str | None = None) -> Iterator[Network]:
         _run("ip", "addr", "add", f"{subnet}.254/24", "dev", bridge)
         _run("ip", "link", "set", bridge, "up")
         for i in range(n):
-            host = Host(f"tempo-{tag}-{i}", f"{subnet}.{i + 1}")
             outside, inside = f"tv{tag}h{i}", f"tv{tag}n{i}"
+            host = Host(f"tempo-{tag}-{i}", f"{subnet}.{i + 1}", inside)
             _run("ip", "netns", "add", host.namespace)
             made.append(host)
             _run("ip", "link", "add", outside, "type", "veth", "peer", "name", inside)
