@@ -94,6 +94,7 @@ def test_a_worker_cut_off_the_network_mid_run_is_replaced(tmp_path):
         finally:
             for worker in workers:
                 worker.kill()  # the cut-off worker waits for an enclave it can no longer hear
+                worker.wait()
     (fault,) = [json.loads(line) for line in (tmp_path / "run" / "faults.jsonl").read_text().splitlines()]
     assert doomed.namespace in fault["worker"] and fault["kind"] in ("stalled", "lost"), fault
     assert _losses(tmp_path / "run") == pytest.approx(_losses(local), rel=1e-4)

@@ -9,12 +9,15 @@ iproute2; without them :func:`hosts` raises rather than pretending.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+
+_serials = itertools.count()
 
 
 @dataclass(frozen=True)
@@ -45,8 +48,9 @@ def hosts(n: int, *, rate: str | None = None) -> Iterator[Network]:
     """`n` namespaced hosts on a fresh bridge; `rate` (e.g. ``"1gbit"``) caps each host's link."""
     if os.geteuid() != 0 or shutil.which("ip") is None or (rate and shutil.which("tc") is None):
         raise RuntimeError("namespaced hosts need root and iproute2 (`ip netns`, and `tc` for a rate cap)")
-    tag = f"{os.getpid() % 100000}"
-    subnet = f"10.{200 + os.getpid() % 50}.{os.getpid() % 250}"
+    serial = next(_serials)  # names unique per call: a namespace kept alive by a process outlives its name
+    tag = f"{os.getpid() % 10000}{serial % 10}"
+    subnet = f"10.{200 + os.getpid() % 50}.{(os.getpid() + serial) % 250}"
     bridge = f"tbr{tag}"
     made: list[Host] = []
     try:
@@ -70,6 +74,7 @@ def hosts(n: int, *, rate: str | None = None) -> Iterator[Network]:
                 _run(*host.command("tc", "qdisc", "add", "dev", inside, *tbf))
         yield Network(made, f"{subnet}.254")
     finally:
-        for host in made:
+        for i, host in enumerate(made):
+            subprocess.run(["ip", "link", "del", f"tv{tag}h{i}"], capture_output=True)  # both veth ends
             subprocess.run(["ip", "netns", "del", host.namespace], capture_output=True)
         subprocess.run(["ip", "link", "del", bridge], capture_output=True)
