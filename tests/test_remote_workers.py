@@ -195,3 +195,18 @@ def test_a_worker_that_sends_malformed_frames_is_retired_and_its_work_redone(tmp
         pool.close()
         rogue.kill()
     assert honest.wait(timeout=30) == 0
+
+
+def test_a_worker_with_an_idle_timeout_stops_when_the_enclave_falls_silent(tmp_path):
+    (tmp_path / "token").write_bytes(TOKEN)
+    address, log = f"127.0.0.1:{_free_port()}", []
+    thread, made = _pool(1, address, log)
+    worker = subprocess.Popen([sys.executable, "-m", "tempo.cli", "worker", "--connect", address, "--token-file",
+                               str(tmp_path / "token"), "--name", "idle", "--idle-timeout", "2"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    thread.join(timeout=60)
+    try:
+        _, err = worker.communicate(timeout=60)  # the enclave holds the link open and sends nothing
+    finally:
+        made["pool"].close()
+    assert worker.returncode == 0 and "[idle] stopping: enclave at" in err and "sent nothing for 2.0 s" in err

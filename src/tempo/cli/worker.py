@@ -15,7 +15,10 @@ def worker(
     device: Annotated[str | None, typer.Option(help="cuda, cuda:1, cpu ... (default: CUDA when there is one).")
                       ] = None,
     name: Annotated[str, typer.Option(help="How the enclave's log names this worker.")] = socket.gethostname(),
-    timeout: Annotated[float, typer.Option(help="Seconds to wait for the enclave.")] = 600.0,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait to join the enclave.")] = 600.0,
+    idle_timeout: Annotated[float | None, typer.Option(
+        help="Stop after this many seconds without a job (default: wait as long as the link lives; an "
+             "enclave that is cut off the network, rather than stopped, never closes it).")] = None,
 ) -> None:
     """Join an enclave with the job's token and run its blinded products until it shuts down.
 
@@ -23,4 +26,5 @@ def worker(
     from ..worker.__main__ import main
 
     raise typer.Exit(main(["--connect", connect, "--token-file", str(token_file), "--name", name,
-                           "--timeout", str(timeout), *(["--device", device] if device else [])]))
+                           "--timeout", str(timeout), *(["--device", device] if device else []),
+                           *(["--idle-timeout", str(idle_timeout)] if idle_timeout is not None else [])]))

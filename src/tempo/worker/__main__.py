@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from ..errors import ConfigError, WorkerLostError
+from ..errors import ConfigError, WorkerLostError, WorkerTimeoutError
 from ..wire.dist import connect, read_token
 from .core import WorkerCore
 from .recorder import RecordingCore
@@ -23,7 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tempo.worker")
     parser.add_argument("--connect", required=True, help="HOST:PORT of the enclave's rendezvous")
     parser.add_argument("--token-file", type=Path, required=True, help="the job's secret token")
-    parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the enclave")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait to join the enclave")
+    parser.add_argument("--idle-timeout", type=float, default=None, help="stop after this long without a job")
     parser.add_argument("--name", default="worker")
     parser.add_argument("--device", default=None)
     parser.add_argument("--record", type=Path, default=None, help="also write a transcript of training jobs here")
@@ -39,8 +40,9 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as e:
             print(f"[{args.name}] error: {e}", file=sys.stderr)
             return 2
-        return serve_remote(args.connect, args.token_file, args.name, core, timeout=args.timeout)
-    except WorkerLostError as e:  # the enclave went away: nothing left to do
+        return serve_remote(args.connect, args.token_file, args.name, core, timeout=args.timeout,
+                            idle_timeout=args.idle_timeout)
+    except (WorkerLostError, WorkerTimeoutError) as e:  # the enclave went away or fell silent: nothing left to do
         print(f"[{args.name}] stopping: {' '.join(str(e).split())[:200]}", file=sys.stderr)
         return 0
     except KeyboardInterrupt:
@@ -48,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def serve_remote(address: str, token_file: Path, name: str, core: WorkerCore, *, timeout: float) -> int:
+def serve_remote(address: str, token_file: Path, name: str, core: WorkerCore, *, timeout: float,
+                 idle_timeout: float | None = None) -> int:
     """Join the enclave at `address` with the token and serve its jobs; 2 if the join is refused."""
     try:
         transport, _store = connect(address, read_token(token_file), name, timeout=timeout)
@@ -56,7 +59,7 @@ def serve_remote(address: str, token_file: Path, name: str, core: WorkerCore, *,
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     print(f"[{name}] joined {transport.peer}; serving on device {core.device}", file=sys.stderr)
-    serve(transport, core)  # _store keeps the rendezvous connection open while serving
+    serve(transport, core, idle_timeout=idle_timeout)  # _store keeps the rendezvous connection open while serving
     return 0
 
 

@@ -12,12 +12,13 @@ from .core import WorkerCore
 log = logging.getLogger("tempo.worker")
 
 
-def serve(transport: Transport, core: WorkerCore) -> None:
-    """Answer jobs until Shutdown or the enclave hangs up."""
+def serve(transport: Transport, core: WorkerCore, *, idle_timeout: float | None = None) -> None:
+    """Answer jobs until Shutdown, the enclave hangs up, or (with `idle_timeout`) it sends nothing for that
+    long, which raises WorkerTimeoutError."""
     log.info("worker serving on %s (device %s)", transport.peer, core.device)
     while True:
         try:
-            msg = transport.recv()
+            msg = transport.recv(timeout=idle_timeout)
         except ProtocolError as e:
             log.error("rejected a malformed message: %s", e)
             transport.send(Failure(-1, f"malformed message: {e}"))
