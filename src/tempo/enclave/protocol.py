@@ -219,7 +219,7 @@ class OffloadedOp:
         if self._finalizer is None or self.worker in self.engine.retired or not (need_dx or need_dw):
             return Stage(self, "backward", start=None, finish=None, redo=redo)
         return Stage(self, "backward", start=lambda: self._backward_job(dy, x, need_dx=need_dx, need_dw=need_dw),
-                     finish=lambda tensors: self._backward_result(tensors, dy, x, w, need_dx=need_dx),
+                     finish=lambda tensors: self._backward_result(tensors, dy, x, w),
                      redo=redo)
 
     def _submit_backward(self, dy: Tensor, x: Tensor, w: Tensor, *, need_dx: bool, need_dw: bool
@@ -236,7 +236,7 @@ class OffloadedOp:
             self.engine.release(self.worker, self.handle)
             return None, None
         job, expect = self._backward_job(dy, x, need_dx=need_dx, need_dw=need_dw)
-        return self._backward_result(self._call(job, "backward", expect), dy, x, w, need_dx=need_dx)
+        return self._backward_result(self._call(job, "backward", expect), dy, x, w)
 
     def _backward_job(self, dy: Tensor, x: Tensor, *, need_dx: bool, need_dw: bool) -> tuple[Job, Expect]:
         self._finalizer.detach()  # the backward job itself frees the handle
@@ -254,7 +254,7 @@ class OffloadedOp:
             expect["dw"] = (self.shapes.w, x.dtype)
         return job, expect
 
-    def _backward_result(self, tensors: dict[str, Tensor], dy: Tensor, x: Tensor, w: Tensor, *, need_dx: bool
+    def _backward_result(self, tensors: dict[str, Tensor], dy: Tensor, x: Tensor, w: Tensor
                          ) -> tuple[Tensor | None, Tensor | None]:
         eng = self.engine
         results = dict(tensors)

@@ -31,19 +31,24 @@ def worker_device(name: str | torch.device | None) -> torch.device:
         count = torch.cuda.device_count()
         if count == 0 or (device.index is not None and device.index >= count):
             raise ConfigError(f"device {str(name)!r} is not here: this host has {count} CUDA device(s)")
-        default_device()  # TF32 off
+        _exact_float32()
     elif device.type != "cpu":
         raise ConfigError(f"device {str(name)!r}: a worker computes on cpu or cuda")
     return device
 
 
 def default_device() -> torch.device:
-    """CUDA when present, with TF32 off so products round like float32 on the enclave's CPU."""
+    """CUDA when present, else CPU."""
     if torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+        _exact_float32()
         return torch.device("cuda")
     return torch.device("cpu")
+
+
+def _exact_float32() -> None:
+    """TF32 off on CUDA, so products round like float32 on the enclave's CPU."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
 
 
 @dataclass
