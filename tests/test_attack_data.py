@@ -14,7 +14,7 @@ from torch import nn
 
 from tempo.attacks import inputs, linking
 from tempo.attacks.base import AttackContext
-from tempo.attacks.transcript import OpTruth, OpView, Step, StepTruth, Transcript, load
+from tempo.attacks.transcript import OpTruth, OpView, Step, StepTruth, Transcript, load, scoring
 
 
 def context(folder: Path, out: Path, **options) -> AttackContext:
@@ -42,11 +42,12 @@ def test_inputs_against_none_are_recovered_exactly(recorded, tmp_path):
 
 def _linear_first_op(step: Step, seed: int) -> Step:
     """`step`'s true inputs as a linear first op on flattened pixels would see them under permute."""
-    x = step.truth.inputs
+    with scoring():
+        x, labels = step.truth.inputs, step.truth.labels
     generator = torch.Generator().manual_seed(seed)
     row, inner = torch.randperm(len(x), generator=generator), torch.randperm(x[0].numel(), generator=generator)
     op = OpView(0, 1, "linear", {}, x.flatten(1)[row][:, inner], torch.zeros(10, x[0].numel()), torch.zeros(len(x), 10))
-    truth = StepTruth({}, x, step.truth.labels, {1: OpTruth("fc", "linear", {"row": row, "inner": inner})})
+    truth = StepTruth({}, x, labels, {1: OpTruth("fc", "linear", {"row": row, "inner": inner})})
     return Step(step.step, [op], truth)
 
 
@@ -72,7 +73,8 @@ def test_inputs_undo_a_channel_permutation():
 def _truth_model(ctx: AttackContext) -> nn.Module:
     """Stand-in for recovery.leaked_model: the true weights, the most a leak can give."""
     model = ctx.new_model()
-    model.load_state_dict(ctx.transcript.steps[-1].truth.params)
+    with scoring():
+        model.load_state_dict(ctx.transcript.steps[-1].truth.params)
     return model
 
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import tempo
-from tempo.attacks.transcript import load
+from tempo.attacks.transcript import load, scoring
 from tempo.enclave.pools import InProcessPool
 from tempo.enclave.truth import GroundTruth
 from tempo.errors import ConfigError, DatasetError, ProtocolError
@@ -99,20 +99,21 @@ def test_recorded_view_and_truth_agree(tmp_path: Path, key_lifetime: int) -> Non
     (tmp_path / "config.json").write_text('{"scheme": "permute", "model": "mlp"}')
     t = load(tmp_path)
     assert [s.step for s in t.steps] == [1, 2, 3, 4]
-    for step in t.steps:
-        assert [step.op_truth(op).name for op in step.ops] == ["0", "2"]
-        for op, param in zip(step.ops, ("0.weight", "2.weight"), strict=True):
-            key = step.op_truth(op).key
-            w = step.truth.params[param]
-            assert torch.equal(op.w, w[key["out"]][:, key["inner"]])
-            assert op.dy is not None and op.dw is not None
-        first, key = step.ops[0], step.op_truth(step.ops[0]).key
-        assert torch.equal(first.x, step.truth.inputs[key["row"]][:, key["inner"]])
-    if key_lifetime > 1:  # the weight's axes keep their key for 3 steps; rows get a fresh one every time
-        keys = [step.op_truth(step.ops[0]).key for step in t.steps]
-        assert all(torch.equal(keys[0][axis], k[axis]) for k in keys[1:3] for axis in ("inner", "out"))
-        assert not torch.equal(keys[2]["out"], keys[3]["out"])
-        assert not any(torch.equal(a["row"], b["row"]) for a, b in itertools.pairwise(keys))
+    with scoring():
+        for step in t.steps:
+            assert [step.op_truth(op).name for op in step.ops] == ["0", "2"]
+            for op, param in zip(step.ops, ("0.weight", "2.weight"), strict=True):
+                key = step.op_truth(op).key
+                w = step.truth.params[param]
+                assert torch.equal(op.w, w[key["out"]][:, key["inner"]])
+                assert op.dy is not None and op.dw is not None
+            first, key = step.ops[0], step.op_truth(step.ops[0]).key
+            assert torch.equal(first.x, step.truth.inputs[key["row"]][:, key["inner"]])
+        if key_lifetime > 1:  # the weight's axes keep their key for 3 steps; rows get a fresh one every time
+            keys = [step.op_truth(step.ops[0]).key for step in t.steps]
+            assert all(torch.equal(keys[0][axis], k[axis]) for k in keys[1:3] for axis in ("inner", "out"))
+            assert not torch.equal(keys[2]["out"], keys[3]["out"])
+            assert not any(torch.equal(a["row"], b["row"]) for a, b in itertools.pairwise(keys))
 
 
 def test_only_the_last_steps_are_kept(tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from .base import AttackContext, Finding, NotApplicable
-from .transcript import OpView, Step
+from .transcript import OpView, Step, scoring
 
 NAME = "alignment"
 
@@ -279,6 +279,7 @@ def _solve(cost: Tensor, capacity: int, seed: int) -> Tensor:
 
 # ---- scoring (reads the keys) ------------------------------------------------------------------------
 
+@scoring()
 def true_match(step: Step, pair: PairAlignment) -> Tensor:
     """SCORING ONLY: the right `match` for `pair`, from the keys."""
     link, ops = pair.link, step.ops

@@ -27,11 +27,11 @@ def _never_sent(ctx: AttackContext) -> list[str]:
 def run(ctx: AttackContext) -> Finding:
     leaked = ctx.test_accuracy(recovery.leaked_model(ctx))
     chance = torch.tensor([_fresh_accuracy(ctx, ctx.seed + 1 + i) for i in range(FRESH_MODELS)])
-    details = {"true_model": ctx.test_accuracy(recovery.true_model(ctx)),
+    details = {"true_model": ctx.test_accuracy(recovery.true_model(ctx)),  # both read the truth: scoring only
                "with_enclave_params": ctx.test_accuracy(recovery.leaked_model_with_enclave_params(ctx)),
                "fresh_models": chance.tolist(), "fresh_std": float(chance.std()),
                "fresh_range": [float(chance.min()), float(chance.max())],
-               "left_at_fresh_init": _never_sent(ctx), "test_images": len(ctx.data.test)}
+               "left_at_fresh_init": _never_sent(ctx), "test_images": len(ctx.data.scoring)}
     return Finding(NAME, "test accuracy of the leaked model, used as is", leaked, float(chance.mean()), details)
 
 

@@ -2,7 +2,8 @@
 
 A thief with a little labelled data can train the public architecture from scratch, or start from the
 weights it assembled from the transcript (:func:`tempo.attacks.recovery.leaked_model`). Both starts get
-the same data (1%, 5% and 10% of the training set, drawn by the seed) and the same step budget; the
+the same public data (as many images as 1%, 5% and 10% of the run's training set, drawn by the attacker's
+seed from its public pool, which no training step saw) and the same step budget; the
 test-accuracy gap between them is what the leak is worth. A useless leak is a random init, so the
 random-guess baseline is a gap of zero. The gap shrinks as the thief's own data grows, which is why
 it is reported per fraction.
@@ -40,15 +41,16 @@ def _few_threads() -> Iterator[None]:
 
 
 def thief_data(ctx: AttackContext, fraction: float) -> tuple[Tensor, Tensor]:
-    """`fraction` of the training set in a seeded order: its first part is each smaller fraction's data."""
-    train = ctx.data.train
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(ctx.seed))
-    images, labels = zip(*(train[int(i)] for i in order[:_size(ctx, fraction)]), strict=True)
+    """Public images, as many as `fraction` of the run's training set, in a seeded order: its first part is each
+    smaller fraction's data."""
+    public = ctx.data.public
+    order = torch.randperm(len(public), generator=torch.Generator().manual_seed(ctx.seed))
+    images, labels = zip(*(public[int(i)] for i in order[:_size(ctx, fraction)]), strict=True)
     return torch.stack(images), torch.tensor(labels)
 
 
 def _size(ctx: AttackContext, fraction: float) -> int:
-    return max(1, round(fraction * len(ctx.data.train)))
+    return min(len(ctx.data.public), max(1, round(fraction * ctx.data.training_set_size)))
 
 
 def fine_tune(model: nn.Module, images: Tensor, labels: Tensor, steps: int, seed: int) -> nn.Module:
@@ -87,4 +89,4 @@ def run(ctx: AttackContext) -> Finding:
     return Finding(NAME, "test-accuracy gain of fine-tuning from the leak over from scratch",
                    sum(gaps) / len(gaps), 0.0,
                    {"fractions": per_fraction, "before_fine_tuning": untrained, "steps": steps,
-                    "batch_size": BATCH_SIZE, "optimizer": f"Adam lr {LR}", "test_images": len(ctx.data.test)})
+                    "batch_size": BATCH_SIZE, "optimizer": f"Adam lr {LR}", "test_images": len(ctx.data.scoring)})

@@ -28,7 +28,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from .alignment import chosen_step
-from .base import AttackContext, Finding, NotApplicable
+from .base import AttackContext, Finding, NotApplicable, scoring
 
 NAME = "gram"
 SIGNATURE = 8  # largest similarities per row in the order-free signature
@@ -99,9 +99,10 @@ def run(ctx: AttackContext) -> Finding:
         if len(rows_of(b.x)) != n or n < 3:
             continue
         match = link(a.y, b.x)
-        truth_a, truth_b = step.key(a, "row", n), step.key(b, "row", n)
-        pairs[f"{step.op_truth(a).name} -> {step.op_truth(b).name}"] = {
-            "linked": float((truth_a == truth_b[match]).double().mean()), "rows": n}
+        with scoring():
+            truth_a, truth_b = step.key(a, "row", n), step.key(b, "row", n)
+            pairs[f"{step.op_truth(a).name} -> {step.op_truth(b).name}"] = {
+                "linked": float((truth_a == truth_b[match]).double().mean()), "rows": n}
     if not pairs:
         raise NotApplicable("no two consecutive products the workers saw share their rows")
     value, baseline, best = best_pair(pairs, "rows")

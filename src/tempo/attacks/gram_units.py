@@ -20,7 +20,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from .alignment import chosen_step
-from .base import AttackContext, Finding, NotApplicable
+from .base import AttackContext, Finding, NotApplicable, scoring
 from .gram import best_pair, match_graphs
 
 NAME = "gram_units"
@@ -51,9 +51,10 @@ def run(ctx: AttackContext) -> Finding:
         if len(inner) != n or n < 3:
             continue
         match = match_graphs(correlations(out), correlations(inner))
-        truth_a, truth_b = step.key(a, "out", n), step.key(b, "inner", n)
-        pairs[f"{step.op_truth(a).name} -> {step.op_truth(b).name}"] = {
-            "linked": float((truth_a == truth_b[match]).double().mean()), "units": n}
+        with scoring():
+            truth_a, truth_b = step.key(a, "out", n), step.key(b, "inner", n)
+            pairs[f"{step.op_truth(a).name} -> {step.op_truth(b).name}"] = {
+                "linked": float((truth_a == truth_b[match]).double().mean()), "units": n}
     if not pairs:
         raise NotApplicable("no two consecutive products the workers saw pass units one to one")
     value, baseline, best = best_pair(pairs, "units")

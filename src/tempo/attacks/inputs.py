@@ -24,7 +24,7 @@ from torch import Tensor
 from torchvision.utils import save_image
 
 from .base import AttackContext, Finding, NotApplicable
-from .transcript import OpView
+from .transcript import OpView, scoring
 
 NAME = "inputs"
 
@@ -151,8 +151,8 @@ def run(ctx: AttackContext) -> Finding:
     aux, _ = ctx.aux()
     steps = ctx.transcript.steps
     recovered = torch.cat([recover(step.ops[0], aux) for step in steps])
-    # scoring only: each step's true inputs in the order the worker saw them (the first op's row key)
-    truth = torch.cat([step.truth.inputs[step.key(step.ops[0], "row", len(step.truth.inputs))] for step in steps])
+    with scoring():  # each step's true inputs in the order the worker saw them (the first op's row key)
+        truth = torch.cat([step.truth.inputs[step.key(step.ops[0], "row", len(step.truth.inputs))] for step in steps])
     truth = truth.to(recovered.dtype)
     data_range = float(truth.max() - truth.min()) or 1.0
     guess = aux.mean(dim=0, keepdim=True).expand_as(truth).to(truth.dtype)

@@ -18,7 +18,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from .base import AttackContext, Finding
-from .transcript import Step
+from .transcript import Step, scoring
 
 NAME = "linking"
 
@@ -51,6 +51,7 @@ def link(a: Tensor, b: Tensor) -> tuple[np.ndarray, float]:
     return match, float(np.median(chosen / np.maximum(others.min(axis=1), 1e-30)))
 
 
+@scoring()
 def _score(before: Step, after: Step, index: int, role: str, match: np.ndarray) -> int:
     """How many links i -> match[i] join the same plaintext unit (truth used only here)."""
     n = len(match)

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from .alignment import PairAlignment, alignment_of, chosen_step
 from .base import AttackContext
-from .transcript import Step
+from .transcript import Step, scoring
 
 
 def leaked_model(ctx: AttackContext) -> nn.Module:
@@ -113,6 +113,7 @@ def assign_classes(ctx: AttackContext, model: nn.Module) -> Tensor:
 
 # ---- scoring and diagnostics (read the keys and the true parameters) ---------------------------------
 
+@scoring()
 def attacker_basis(ctx: AttackContext) -> dict[str, tuple[Tensor, Tensor]]:
     """SCORING ONLY: per weight, the plain indices of the attacker's (output, inner) basis, from the keys.
 
@@ -147,12 +148,14 @@ def _previous_of_width(step: Step, sites: list[int], i: int) -> int | None:
     return None
 
 
+@scoring()
 def true_weights_in_basis(ctx: AttackContext) -> dict[str, Tensor]:
     """SCORING ONLY: the true weights of the chosen step expressed in the attacker's basis."""
     params = chosen_step(ctx).truth.params
     return {name: params[name][rows][:, inner] for name, (rows, inner) in attacker_basis(ctx).items()}
 
 
+@scoring()
 def true_model(ctx: AttackContext) -> nn.Module:
     """SCORING ONLY: the public architecture with the true parameters at the start of the chosen step."""
     model = ctx.new_model()
@@ -160,6 +163,7 @@ def true_model(ctx: AttackContext) -> nn.Module:
     return model.eval()
 
 
+@scoring()
 def leaked_model_with_enclave_params(ctx: AttackContext) -> nn.Module:
     """DIAGNOSTIC, NOT AN ATTACK: the leaked model with every never-sent parameter taken from the truth.
 

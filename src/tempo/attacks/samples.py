@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .alignment import chosen_step
-from .base import AttackContext, Finding, NotApplicable
+from .base import AttackContext, Finding, NotApplicable, scoring
 from .gram import assign
 
 NAME = "samples"
@@ -58,9 +58,10 @@ def run(ctx: AttackContext) -> Finding:
             continue
         batch = a.y.shape[0]
         match = link(a.y, b.x)
-        truth_a, truth_b = step.key(a, "row", batch), step.key(b, "row", batch)
-        linked = float((truth_a == truth_b[match]).double().mean())
-        pairs[f"{step.op_truth(a).name} -> {step.op_truth(b).name}"] = {"linked": linked, "batch": batch}
+        with scoring():
+            truth_a, truth_b = step.key(a, "row", batch), step.key(b, "row", batch)
+            linked = float((truth_a == truth_b[match]).double().mean())
+            pairs[f"{step.op_truth(a).name} -> {step.op_truth(b).name}"] = {"linked": linked, "batch": batch}
     if not pairs:
         raise NotApplicable("no two consecutive convolutions the workers saw: no spatial fingerprint to link "
                             "samples by")

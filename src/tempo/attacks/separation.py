@@ -29,7 +29,7 @@ from ..schemes import SCHEMES
 from ..schemes.mix import haar_orthogonal
 from .alignment import chosen_step
 from .base import AttackContext, Finding, NotApplicable
-from .transcript import OpView, Step
+from .transcript import OpView, Step, scoring
 
 NAME = "separation"
 RECOVERED = 0.9  # |correlation| at which a feature counts as recovered
@@ -87,6 +87,7 @@ def recovered(sources: Tensor, truth: Tensor) -> tuple[float, float]:
     return float((matched >= RECOVERED).sum()) / truth.shape[1], float(matched.mean())
 
 
+@scoring()
 def true_features(step: Step, op: OpView, rows: Tensor) -> Tensor:
     """SCORING ONLY: the plaintext features of `rows` (X' K⁻¹; a permutation leaves them separated)."""
     key = step.op_truth(op).key.get("inner")
@@ -108,11 +109,13 @@ def run(ctx: AttackContext) -> Finding:
         if len(rows) > _MAX_ROWS:
             rows = rows[torch.randperm(len(rows), generator=generator)[:_MAX_ROWS]]
         z = whiten(rows)
-        truth = true_features(step, op, rows)
-        ica, ica_corr = recovered(z @ fastica(z, generator).T, truth)
+        sources, unmixed = z @ fastica(z, generator).T, z @ _random_orthogonal(z.shape[1], generator).T
+        with scoring():
+            truth, name = true_features(step, op, rows), step.op_truth(op).name
+        ica, ica_corr = recovered(sources, truth)
         as_sent, _ = recovered(rows, truth)
-        chance, _ = recovered(z @ _random_orthogonal(z.shape[1], generator).T, truth)
-        ops[f"{i}:{step.op_truth(op).name}"] = {
+        chance, _ = recovered(unmixed, truth)
+        ops[f"{i}:{name}"] = {
             "recovered": ica if unmixes else as_sent, "ica": ica, "ica_mean_abs_corr": ica_corr, "as_sent": as_sent,
             "random_unmixing": chance, "features": rows.shape[1], "rows": len(rows)}
     if not ops:

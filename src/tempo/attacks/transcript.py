@@ -5,12 +5,16 @@ The view is every job the (colluding) workers received and every reply they sent
 their handle, which the worker sees. Ops are grouped into training steps and ordered by job id;
 both are things a worker can do from the traffic alone (see :mod:`tempo.wire.transcript`), and
 the ground truth's step numbers are used only to name the groups. Attacks read ``OpView``;
-only scoring reads ``StepTruth``.
+only scoring reads ``StepTruth``, and that is enforced: a step's truth (and every key) opens only
+inside :func:`scoring`, so an attack that peeks raises :class:`TruthAccessError`.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -25,6 +29,24 @@ from ..wire.messages import BackwardJob, ForwardJob, Result
 
 class NotApplicable(ValueError):
     """The recording offers the attack nothing to work on (say, no convolution): reported as n/a, not as failed."""
+
+
+class TruthAccessError(Exception):
+    """The ground truth was read outside :func:`scoring`: a bug in an attack, never reported as its failure."""
+
+
+_SCORING: ContextVar[bool] = ContextVar("tempo_attack_scoring", default=False)
+
+
+@contextmanager
+def scoring() -> Iterator[None]:
+    """Open the ground truth (true parameters, inputs, labels, keys) for the code inside: scoring an attack's
+    estimate, or a diagnostic labelled as such. Everything outside it plays the attacker, who has no truth."""
+    token = _SCORING.set(True)
+    try:
+        yield
+    finally:
+        _SCORING.reset(token)
 
 
 VIEWS = ("offloaded", "anchors-inside")
@@ -92,12 +114,20 @@ class StepTruth:
 class Step:
     step: int
     ops: list[OpView | InsideOp]  # in forward order
-    truth: StepTruth
+    hidden_truth: StepTruth = field(repr=False)  # read it through `truth`, inside `scoring()`
 
     @property
     def seen(self) -> list[int]:
         """Indices of the ops the workers saw (all but those kept inside in this view)."""
         return [i for i, op in enumerate(self.ops) if not op.inside]
+
+    @property
+    def truth(self) -> StepTruth:
+        """SCORING ONLY: this step's ground truth; raises outside :func:`scoring`."""
+        if not _SCORING.get():
+            raise TruthAccessError(f"step {self.step}'s ground truth was read outside scoring(): an attack may use "
+                                   "only the workers' view and public things")
+        return self.hidden_truth
 
     def op_truth(self, op: OpView | InsideOp) -> OpTruth:
         return self.truth.ops[op.handle]
