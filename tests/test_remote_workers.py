@@ -67,7 +67,7 @@ def _steps(pool, seed: int = 0) -> list[float]:
 
 def test_workers_join_with_the_token_and_train_as_in_process_workers_do(tmp_path):
     (tmp_path / "token").write_bytes(TOKEN)
-    (tmp_path / "wrong").write_bytes(b"not-the-token-but-long-enough")
+    (tmp_path / "wrong").write_bytes(b"not-the-token-but-long-enough-for-one")
     address, log = f"127.0.0.1:{_free_port()}", []
     thread, made = _pool(2, address, log)
     intruder = _worker(address, tmp_path / "wrong", "intruder")
@@ -132,7 +132,7 @@ def test_bad_settings_are_named(tmp_path):
     (tmp_path / "short").write_bytes(b"short")
     from tempo.wire.dist import read_token
 
-    with pytest.raises(ConfigError, match="at least 16"):
+    with pytest.raises(ConfigError, match="at least 32"):
         read_token(tmp_path / "short")
     with pytest.raises(ConfigError, match="HOST:PORT"):
         DistributedPool(1, listen="nowhere", token=TOKEN)
@@ -160,7 +160,7 @@ ROGUE = """
 import sys, torch
 from tempo.wire.dist import connect, read_token
 from pathlib import Path
-transport, store = connect(sys.argv[1], read_token(Path(sys.argv[2])), "rogue", timeout=60)
+transport = connect(sys.argv[1], read_token(Path(sys.argv[2])), "rogue", timeout=60)
 transport.recv()  # its first job
 reply = {"huge": [1 << 40], "garbage": [64]}[sys.argv[3]]
 transport.group.send([torch.tensor(reply[:1], dtype=torch.int64)], 0, 0).wait()

@@ -11,31 +11,53 @@ one-time token, so local and remote runs share one transport and one failure mod
 from __future__ import annotations
 
 import datetime
-import hmac
-import json
 import os
 import secrets
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from torch.distributed import TCPStore
+from torch.distributed import QueueEmptyError, TCPStore
 
 from ..errors import ConfigError, WorkerLostError, WorkerTimeoutError
-from ..wire.dist import PREFIX, PairTransport, join_proof, pair_group, parse_address, read_token
+from ..wire.dist import (
+    CHALLENGE_KEY,
+    JOINS_KEY,
+    LINK_SETUP_TIMEOUT_S,
+    POLL_S,
+    STORE_TIMEOUT_S,
+    VERSION_KEY,
+    LentStore,
+    LinkProofError,
+    PairTransport,
+    answer_key,
+    pair_group,
+    parse_address,
+    prove_link,
+    read_token,
+)
+from ..wire.join import MAX_NAME_CHARS, OK, REFUSED, WRONG_TOKEN, JoinRequest, answer, parse_request, proof_holds
 from ..wire.messages import PROTOCOL_VERSION, Shutdown
+from ..wire.text import printable
 from .pools import DEFAULT_TIMEOUT_S, InProcessPool, LinkPool, WorkerPool
 
 DEFAULT_JOIN_TIMEOUT_S = 600.0
 CLOSE_TIMEOUT_S = 5.0  # how long a Shutdown may wait for an idle worker to take it
+REQUESTS_PER_POLL = 16  # join requests read per poll: a flood of them cannot starve the loop's checks
+LOGGED_REFUSALS = 20  # refusals logged one by one; a flood of strangers' requests is only counted after that
 
 
 class DistributedPool(LinkPool):
-    """N workers that joined through the rendezvous this pool hosts on `listen` (port 0: any free port)."""
+    """N workers that joined through the rendezvous this pool hosts on `listen` (port 0: any free port).
+
+    Join requests come through a queue in the store and are answered one by one; each accepted one
+    opens its pair and proves the link in a thread of its own, so a peer that stalls holds up nobody
+    else. The store is closed once N links are proved: from then on the network reaches no store."""
 
     def __init__(self, n: int, *, listen: str, token: bytes, timeout: float = DEFAULT_TIMEOUT_S,
                  join_timeout: float = DEFAULT_JOIN_TIMEOUT_S, log: Callable[[str], None] = print):
@@ -43,20 +65,26 @@ class DistributedPool(LinkPool):
         if n < 1:
             raise ConfigError(f"need at least one worker, got {n}")
         host, port = parse_address(listen, allow_any_port=True)
-        self._token, self._log = token, log
+        self._n, self._token, self._log = n, token, log
         self._bind = host if host not in ("0.0.0.0", "") else socket.gethostbyname(socket.gethostname())
         try:
-            self._store = TCPStore(host, port, is_master=True, wait_for_workers=False,
-                                   timeout=datetime.timedelta(seconds=join_timeout))
+            self._store: TCPStore | None = TCPStore(host, port, is_master=True, wait_for_workers=False,
+                                                    timeout=datetime.timedelta(seconds=STORE_TIMEOUT_S))
         except (RuntimeError, OSError) as e:
             raise ConfigError(f"cannot listen on {listen}: {' '.join(str(e).split())[:200]}") from None
         self.address = f"{host}:{self._store.port}"
-        self._challenge = os.urandom(32)
-        self._store.set(PREFIX + "version", str(PROTOCOL_VERSION))
-        self._store.set(PREFIX + "challenge", self._challenge.hex())
+        self._challenge = os.urandom(32)  # the enclave's copy; the store's may be rewritten by anyone
+        self._store.set(VERSION_KEY, str(PROTOCOL_VERSION))
+        self._store.set(CHALLENGE_KEY, self._challenge.hex())
+        self._lock = threading.Lock()  # guards the links, `joined`, `_lent` and `_joining`
+        self._joining, self._lent, self._slots, self._refusals = True, [], 0, 0
+        self._accepted: set[bytes] = set()  # nonces of accepted requests: a replayed one is ignored
         self.joined: list[str] = []  # the name each worker joined with, in link order
-        self._listening(n)
-        self._await_workers(n, join_timeout)
+        try:
+            self._listening(n)
+            self._await_workers(n, join_timeout)
+        finally:
+            self._close_rendezvous()
 
     def _listening(self, n: int) -> None:
         """The rendezvous is up at ``self.address``: tell whoever starts the workers."""
@@ -64,56 +92,106 @@ class DistributedPool(LinkPool):
                   f"(tempo worker --connect {self.address} --token-file ...)")
 
     def _await_workers(self, n: int, join_timeout: float) -> None:
-        deadline, slot = time.monotonic() + join_timeout, 0
-        while len(self._links) < n:
-            slot += 1
-            while not self._store.check([f"{PREFIX}join/{slot}"]):
-                self._still_joining()
-                if time.monotonic() > deadline:
-                    raise WorkerTimeoutError(f"only {len(self._links)} of {n} workers joined within "
-                                             f"{join_timeout} s on {self.address}")
-                time.sleep(0.05)
-            name, link = self._admit(slot)
-            if link is not None:
-                self._links.append(link)
-                self.joined.append(name)
-                self._log(f"{link.peer} joined ({len(self._links)}/{n})")
+        deadline = time.monotonic() + join_timeout
+        while True:
+            with self._lock:
+                if len(self._links) >= n:
+                    return
+            self._still_joining()
+            if time.monotonic() > deadline:
+                raise WorkerTimeoutError(f"only {len(self._links)} of {n} workers joined within "
+                                         f"{join_timeout} s on {self.address}")
+            for _ in range(REQUESTS_PER_POLL):
+                try:
+                    raw = self._store.queue_pop(JOINS_KEY, block=False)
+                except QueueEmptyError:
+                    break
+                self._answer(raw, min(LINK_SETUP_TIMEOUT_S, max(deadline - time.monotonic(), 1.0)))
+            time.sleep(POLL_S)
 
     def _still_joining(self) -> None:
         """Called while waiting for a join: raise if the workers can no longer come."""
 
-    def _admit(self, slot: int) -> tuple[str, PairTransport | None]:
-        """The worker in `slot`: its name and pair link, or no link (and the reason, to it and to the log)."""
-        try:
-            request = json.loads(self._store.get(f"{PREFIX}join/{slot}"))
-            name, version, proof = str(request["name"])[:64], int(request["version"]), str(request["proof"])
-        except (ValueError, KeyError, TypeError):
-            return "?", self._refuse(slot, "a malformed join request")
-        if version != PROTOCOL_VERSION:
-            return name, self._refuse(slot, f"protocol version {version}; this enclave speaks {PROTOCOL_VERSION}")
-        if not hmac.compare_digest(proof, join_proof(self._token, self._challenge, slot)):
-            return name, self._refuse(slot, "wrong token")
-        self._store.set(f"{PREFIX}accept/{slot}", "ok")
-        group = pair_group(self._store, slot, 0, self.timeout, self._bind)
-        return name, PairTransport(group, me=0, peer=f"worker {name!r} (slot {slot})", send_timeout=self.timeout)
+    def _answer(self, raw: bytes, link_timeout: float) -> None:
+        """Answer one join request; an accepted one opens its pair in a thread of its own."""
+        self._slots += 1
+        slot, req = self._slots, parse_request(raw)
+        if isinstance(req, str):  # no nonce to answer to
+            return self._refused(slot, "?", req)
+        if req.version != PROTOCOL_VERSION:
+            return self._refuse(slot, req, f"protocol version {req.version}; this enclave speaks {PROTOCOL_VERSION}")
+        if not proof_holds(self._token, req, self._challenge):
+            return self._refuse(slot, req, WRONG_TOKEN)
+        if req.nonce in self._accepted:  # a copy of a request already accepted
+            return self._refused(slot, req.name, "a replayed join request")
+        self._accepted.add(req.nonce)
+        self._store.set(answer_key(req.nonce), answer(self._token, req.nonce, slot, OK))
+        threading.Thread(target=self._link, args=(slot, req.name, link_timeout), daemon=True,
+                         name=f"tempo-join-{slot}").start()
 
-    def _refuse(self, slot: int, reason: str) -> None:
-        self._store.set(f"{PREFIX}accept/{slot}", f"refused: {reason}")
-        self._log(f"refused the worker in slot {slot}: {reason}")
-        return None
+    def _refuse(self, slot: int, req: JoinRequest, reason: str) -> None:
+        self._store.set(answer_key(req.nonce), answer(self._token, req.nonce, slot, REFUSED + reason))
+        self._refused(slot, req.name, reason)
+
+    def _refused(self, slot: int, name: str, reason: str) -> None:
+        self._refusals += 1
+        if self._refusals <= LOGGED_REFUSALS:
+            self._log(f"refused the worker in slot {slot}: {reason}"
+                      + ("" if name == "?" else f" (it calls itself {printable(name, MAX_NAME_CHARS)!r})"))
+        elif self._refusals == LOGGED_REFUSALS + 1:
+            self._log(f"refused {LOGGED_REFUSALS} join requests; further refusals are not logged")
+
+    def _link(self, slot: int, name: str, timeout: float) -> None:
+        """Open slot `slot`'s pair and prove the link; keep it if the pool still needs a worker."""
+        peer = f"worker '{printable(name, MAX_NAME_CHARS)}' (slot {slot})"
+        with self._lock:
+            if not self._joining:
+                return
+            lent = LentStore(self._store)
+            self._lent.append(lent)
+        try:
+            group = pair_group(lent, slot, 0, timeout, self._bind)
+            prove_link(group, self._token, slot, me=0, timeout=timeout)
+        except (LinkProofError, RuntimeError) as e:
+            self._log(f"dropped the pair of slot {slot} ({peer}): {printable(' '.join(str(e).split()))}")
+            return
+        finally:
+            lent.take_back()
+        link = PairTransport(group, me=0, peer=peer, send_timeout=self.timeout)
+        with self._lock:
+            if self._joining and len(self._links) < self._n:
+                self._links.append(link)
+                self.joined.append(name)
+                self._log(f"{peer} joined ({len(self._links)}/{self._n})")
+                return
+        self._log(f"{peer} proved the token after all workers had joined: sent away")
+        self._send_away(link)
+
+    def _close_rendezvous(self) -> None:
+        """Stop the join: pairs still opening fail, and the store (its server, and whatever the network
+        wrote into it) goes with its last reference."""
+        with self._lock:
+            self._joining = False
+            lent, self._lent = self._lent, []
+        for store in lent:
+            store.take_back()
+        self._store = None
 
     def close(self) -> None:
         """Tell every idle worker to stop; drop the links (a worker still mid-job sees its link close)."""
         for i, link in enumerate(self._links):
-            if self.busy(i):
-                continue
-            link.send_timeout = CLOSE_TIMEOUT_S
-            try:
-                link.send(Shutdown())
-            except (WorkerLostError, WorkerTimeoutError):
-                continue
-            link.close()
+            if not self.busy(i):
+                self._send_away(link)
         self._links = []
+
+    @staticmethod
+    def _send_away(link: PairTransport) -> None:
+        link.send_timeout = CLOSE_TIMEOUT_S
+        try:
+            link.send(Shutdown())
+        except (WorkerLostError, WorkerTimeoutError):
+            return
+        link.close()
 
 
 class ProcessPool(DistributedPool):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 from ..errors import ConfigError, WorkerLostError, WorkerTimeoutError
@@ -32,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--record-until", type=int, default=None, help="record nothing after this step")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format=f"[{args.name}] %(message)s", stream=sys.stderr)
+    # a warning (a token file others can read) as one line, not the library's source line
+    warnings.showwarning = lambda message, *_, **__: print(f"[{args.name}] warning: {message}", file=sys.stderr)
     try:
         try:
             core = (WorkerCore(args.device) if args.record is None
@@ -54,12 +57,13 @@ def serve_remote(address: str, token_file: Path, name: str, core: WorkerCore, *,
                  idle_timeout: float | None = None) -> int:
     """Join the enclave at `address` with the token and serve its jobs; 2 if the join is refused."""
     try:
-        transport, _store = connect(address, read_token(token_file), name, timeout=timeout)
+        transport = connect(address, read_token(token_file), name, timeout=timeout,
+                            notice=lambda text: print(f"[{name}] {text}", file=sys.stderr))
     except ConfigError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     print(f"[{name}] joined {transport.peer}; serving on device {core.device}", file=sys.stderr)
-    serve(transport, core, idle_timeout=idle_timeout)  # _store keeps the rendezvous connection open while serving
+    serve(transport, core, idle_timeout=idle_timeout)
     return 0
 
 
