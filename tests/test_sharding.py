@@ -26,9 +26,9 @@ class LoggingPool(InProcessPool):
             self.forward_rows.append((index, job.x.shape[0]))
         super().submit(index, job)
 
-    def collect(self, index: int) -> Reply:
+    def collect(self, index: int, *, payload_bytes: int | None = None) -> Reply:
         self.events.append(("collect", index))
-        return super().collect(index)
+        return super().collect(index, payload_bytes=payload_bytes)
 
 
 @pytest.mark.parametrize("scheme", ["none", "permute", "mix"])

@@ -48,6 +48,11 @@ class WorkerTimeoutError(WorkerError):
     """A worker did not answer within the timeout."""
 
 
+class WorkerSlowError(WorkerError):
+    """A worker answers far slower than its peers do the same jobs (tempo.enclave.pace): its replies are
+    correct, but it holds up the run."""
+
+
 class IntegrityError(TempoError):
     """A worker's result failed verification; the result was discarded."""
 

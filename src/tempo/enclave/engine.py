@@ -23,6 +23,7 @@ from ..errors import (
     UnsupportedModelError,
     WorkerError,
     WorkerLostError,
+    WorkerSlowError,
     WorkerTimeoutError,
 )
 from ..products import OpShapes, Product, ProductKind
@@ -91,10 +92,10 @@ class Engine:
         return any(w != worker and w not in self.retired for w in range(self.pool.size))
 
     def retire(self, worker: int, error: Exception, *, op: str, step: int) -> None:
-        """Give `worker` no more work, for the rest of the run: it died, stalled, failed or lied."""
+        """Give `worker` no more work, for the rest of the run: it died, stalled, failed, lied or crawled."""
         kind = ("lied" if isinstance(error, IntegrityError) else "stalled" if isinstance(error, WorkerTimeoutError)
                 else "lost" if isinstance(error, WorkerLostError) else "malformed" if isinstance(error, ProtocolError)
-                else "failed")
+                else "slow" if isinstance(error, WorkerSlowError) else "failed")
         name = self.pool.name(worker)
         self.retired[worker] = f"{kind} at op '{op}', step {step}"
         self._releases.pop(worker, None)

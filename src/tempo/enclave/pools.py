@@ -8,6 +8,7 @@ pools over torch.distributed links (local processes and remote hosts) are in
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections import Counter, defaultdict, deque
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from ..wire.messages import Job, Reply, message_tensors
 from ..wire.transport import TrafficStats, Transport
 from ..worker.core import WorkerCore
 from ..worker.recorder import RecordingCore
+from .pace import Pace
 
 DEFAULT_TIMEOUT_S = 600.0
 
@@ -36,10 +38,16 @@ def summed_stats(links: list) -> TrafficStats:
 
 
 class WorkerPool(ABC):
-    """A fixed set of workers addressed by index."""
+    """A fixed set of workers addressed by index.
+
+    A pool also times its workers (:meth:`reply_seconds`); `pace` keeps those times, for the protocol
+    to spot a worker far slower than its peers (:mod:`tempo.enclave.pace`).
+    """
 
     def __init__(self) -> None:
         self.stats = TrafficStats()
+        self.pace = Pace()
+        self._took: dict[int, float | None] = {}  # per worker: the time its last collected reply took
 
     @property
     @abstractmethod
@@ -53,13 +61,18 @@ class WorkerPool(ABC):
         """Send one job to worker `index` without waiting for its reply."""
 
     @abstractmethod
-    def collect(self, index: int) -> Reply:
-        """Wait for worker `index`'s reply to the oldest of its jobs not yet collected."""
+    def collect(self, index: int, *, payload_bytes: int | None = None) -> Reply:
+        """Wait for worker `index`'s reply to the oldest of its jobs not yet collected. `payload_bytes`: the
+        tensor bytes the reply may carry (what the job expects); a larger reply is refused unread."""
 
-    def call(self, index: int, job: Job) -> Reply:
+    def call(self, index: int, job: Job, *, payload_bytes: int | None = None) -> Reply:
         """Send one job to worker `index` and wait for its reply."""
         self.submit(index, job)
-        return self.collect(index)
+        return self.collect(index, payload_bytes=payload_bytes)
+
+    def reply_seconds(self, index: int) -> float | None:
+        """How long worker `index` took over the reply just collected from it; None when the pool cannot tell."""
+        return self._took.pop(index, None)
 
     @abstractmethod
     def close(self) -> None:
@@ -86,7 +99,7 @@ class InProcessPool(WorkerPool):
                                    device=device)
                      for i in range(n)]
         self.cores = cores
-        self._replies: dict[int, deque[Reply]] = defaultdict(deque)
+        self._replies: dict[int, deque[tuple[Reply, float]]] = defaultdict(deque)  # with the seconds each took
 
     @property
     def size(self) -> int:
@@ -99,10 +112,13 @@ class InProcessPool(WorkerPool):
         """Runs the job at once (there is nothing to overlap with in one thread)."""
         self.stats.bytes_sent += tensor_bytes(job)
         self.stats.messages_sent += 1
-        self._replies[index].append(self.cores[index].handle(job))
+        start = time.perf_counter()
+        reply = self.cores[index].handle(job)
+        self._replies[index].append((reply, time.perf_counter() - start))
 
-    def collect(self, index: int) -> Reply:
-        reply = self._replies[index].popleft()
+    def collect(self, index: int, *, payload_bytes: int | None = None) -> Reply:
+        """The reply (no wire: `payload_bytes` bounds nothing here)."""
+        reply, self._took[index] = self._replies[index].popleft()
         self.stats.bytes_received += tensor_bytes(reply)
         self.stats.messages_received += 1
         return reply
@@ -112,13 +128,19 @@ class InProcessPool(WorkerPool):
 
 
 class LinkPool(WorkerPool):
-    """Workers reached over one transport each, a reply awaited for at most `timeout` seconds."""
+    """Workers reached over one transport each, a reply awaited for at most `timeout` seconds.
+
+    A reply's time runs from its job's send to its receipt. Replies are collected one worker after
+    another, so one that was already waiting when its turn came took at most that long: its time
+    counts only when the pool waited for at least half of it (else :meth:`reply_seconds` is None).
+    """
 
     def __init__(self, timeout: float):
         super().__init__()
         self.timeout = timeout
         self._links: list[Transport] = []
         self._in_flight: Counter[int] = Counter()  # jobs sent and not yet answered, per worker
+        self._sent_at: dict[int, float] = {}
 
     @property
     def size(self) -> int:
@@ -131,11 +153,16 @@ class LinkPool(WorkerPool):
         with self._link_errors(index):
             self._in_flight[index] += 1
             self._links[index].send(job)
+            self._sent_at[index] = time.monotonic()
 
-    def collect(self, index: int) -> Reply:
+    def collect(self, index: int, *, payload_bytes: int | None = None) -> Reply:
         with self._link_errors(index):
-            reply = self._links[index].recv(timeout=self.timeout)
+            waiting = time.monotonic()
+            reply = self._links[index].recv(timeout=self.timeout, payload_bytes=payload_bytes)
             self._in_flight[index] -= 1
+            done = time.monotonic()
+            took = done - self._sent_at.pop(index, waiting)
+            self._took[index] = took if done - waiting >= took / 2 else None
             return reply
 
     def busy(self, index: int) -> bool:

@@ -26,10 +26,11 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError, IntegrityError, ProtocolError, WorkerError
+from ..errors import ConfigError, IntegrityError, ProtocolError, WorkerError, WorkerSlowError
 from ..products import OpShapes, Product, ProductKind
 from ..schemes import Operand
 from ..wire.messages import BackwardJob, Failure, ForwardJob, Job, Reply, Result
+from ..wire.text import printable
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -38,6 +39,12 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 Expect = dict[str, tuple[torch.Size, torch.dtype]]  # the tensors a reply must carry: name -> (shape, dtype)
 WORKER_FAULTS = (WorkerError, IntegrityError, ProtocolError)
+
+
+def expected_bytes(expect: Expect) -> int:
+    """The tensor bytes of the reply `expect` describes: all a worker's answer may carry (the wire
+    refuses a larger one before allocating it)."""
+    return sum(shape.numel() * dtype.itemsize for shape, dtype in expect.values())
 
 
 @dataclass
@@ -90,7 +97,7 @@ def run_round(stages: Sequence[Stage[T]]) -> list[T]:
     replies: list[Reply | Exception | None] = []
     for stage, sent in zip(stages, jobs, strict=True):
         try:
-            replies.append(stage.op._receive(stage.label) if isinstance(sent, tuple) else sent)
+            replies.append(stage.op._receive(stage.label, sent[1]) if isinstance(sent, tuple) else sent)
         except WORKER_FAULTS as e:
             replies.append(e)
     results = []
@@ -283,15 +290,31 @@ class OffloadedOp:
     # -- hostile-reply handling ------------------------------------------------------------------
     def _call(self, job: Job, label: str, expect: Expect) -> dict[str, Tensor]:
         self._send(job, label)
-        return self._validate(self._receive(label), job, label, expect)
+        return self._validate(self._receive(label, expect), job, label, expect)
 
     def _send(self, job: Job, label: str) -> None:
         with self._timed(label):
             self.engine.pool.submit(self.worker, job)
 
-    def _receive(self, label: str) -> Reply:
+    def _receive(self, label: str, expect: Expect) -> Reply:
+        pool = self.engine.pool
         with self._timed(label):
-            return self.engine.pool.collect(self.worker)
+            reply = pool.collect(self.worker, payload_bytes=expected_bytes(expect))
+        self._keep_pace(label, pool.reply_seconds(self.worker))
+        return reply
+
+    def _keep_pace(self, label: str, seconds: float | None) -> None:
+        """Retire this op's worker as 'slow' when its replies are far slower than its peers' for the same
+        op (:mod:`tempo.enclave.pace`), if another live worker can take over. The reply itself still
+        counts. Not for a resident weight's op: its work cannot move."""
+        eng = self.engine
+        if seconds is None or self.resident is not None or self.worker in eng.retired:
+            return
+        peers = [w for w in range(eng.pool.size) if w != self.worker and w not in eng.retired]
+        why = eng.pool.pace.judge(self.worker, (self.name, label), seconds, peers)
+        if why is not None and eng.can_replace(self.worker):
+            eng.retire(self.worker, WorkerSlowError(f"worker {eng.pool.name(self.worker)} {why}"),
+                       op=self.name, step=self.step)
 
     @contextmanager
     def _timed(self, label: str) -> Iterator[None]:
@@ -308,7 +331,7 @@ class OffloadedOp:
         worker = self.engine.pool.name(self.worker)
         if isinstance(reply, Failure):
             raise WorkerError(f"worker {worker} failed op '{self.name}' ({label}) at step "
-                              f"{self.step}: {reply.message}")
+                              f"{self.step}: {printable(reply.message)}")
 
         def lie(detail: str) -> IntegrityError:
             self.engine.stats.checks_failed += 1

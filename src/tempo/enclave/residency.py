@@ -30,6 +30,7 @@ from ..errors import ConfigError, IntegrityError, WorkerError
 from ..products import KeyShape, Layout, ProductKind
 from ..schemes import Operand
 from ..wire.messages import UPDATABLE_OPTIMIZERS, Failure, Install, Job, Result, Update
+from ..wire.text import printable
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -210,11 +211,11 @@ class Residency:
         eng = self.engine
         name = eng.pool.name(worker)
         try:
-            reply = eng.pool.call(worker, job)
+            reply = eng.pool.call(worker, job, payload_bytes=0)  # a bare acknowledgement
         except WorkerError as e:
             raise type(e)(f"{what} at step {eng.step}: {e}") from None
         if isinstance(reply, Failure):
-            raise WorkerError(f"worker {name} failed the {what} at step {eng.step}: {reply.message}")
+            raise WorkerError(f"worker {name} failed the {what} at step {eng.step}: {printable(reply.message)}")
         if not isinstance(reply, Result) or reply.job_id != job.job_id or reply.tensors:
             eng.stats.checks_failed += 1
             raise IntegrityError(op=what, product=type(job).__name__.lower(), step=eng.step, worker=name,

@@ -30,8 +30,8 @@ class RecordingPool(WorkerPool):
         self.jobs.append(type(job).__name__)
         self.inner.submit(index, job)
 
-    def collect(self, index: int) -> Reply:
-        reply = self.inner.collect(index)
+    def collect(self, index: int, *, payload_bytes: int | None = None) -> Reply:
+        reply = self.inner.collect(index, payload_bytes=payload_bytes)
         self.returned += [(field, t.clone()) for field, t in message_tensors(reply)]
         self.stats = self.inner.stats
         return reply

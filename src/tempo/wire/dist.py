@@ -41,7 +41,7 @@ import torch
 from torch.distributed import DistError, PrefixStore, ProcessGroupGloo, Store, TCPStore, Work
 
 from ..errors import ConfigError, ProtocolError, WorkerLostError, WorkerTimeoutError
-from .codec import decode, encode
+from .codec import MAX_HEADER_BYTES, REPLY_HEADER_BYTES, decode, encode, reply_frame_bytes
 from .join import (
     MAC_BYTES,
     NONCE_BYTES,
@@ -349,26 +349,33 @@ class PairTransport:
     def send(self, msg: Message) -> None:
         self.flush()
         frame = encode(msg)
-        length, payload = torch.tensor([len(frame)], dtype=torch.int64), torch.frombuffer(bytearray(frame),
-                                                                                          dtype=torch.uint8)
+        length, payload = torch.tensor([len(frame)], dtype=torch.int64), torch.frombuffer(frame, dtype=torch.uint8)
         self._sending = [(self._start("send", length, 0), length), (self._start("send", payload, 1), payload)]
         self.stats.bytes_sent += len(frame) + 8
         self.stats.messages_sent += 1
 
-    def recv(self, timeout: float | None = None) -> Message:
-        """The next message; no `timeout`: wait as long as the link lives (a worker between jobs)."""
+    def recv(self, timeout: float | None = None, *, payload_bytes: int | None = None) -> Message:
+        """The next message; no `timeout`: wait as long as the link lives (a worker between jobs).
+
+        `payload_bytes`: the message is a reply that may carry at most this many tensor bytes, so its
+        announced length is held to that plus a small header before anything is allocated. The
+        frame is received into one buffer, and the tensors decoded from it are views of it.
+        """
         self.flush()
         timeout = FOREVER_S if timeout is None else timeout
+        limit, max_header = self.max_message_bytes, MAX_HEADER_BYTES
+        if payload_bytes is not None:
+            limit, max_header = min(limit, reply_frame_bytes(payload_bytes)), REPLY_HEADER_BYTES
         length = torch.empty(1, dtype=torch.int64)
         self._wait("recv", self._start("recv", length, 0), timeout)
         n = int(length.item())
-        if not 0 < n <= self.max_message_bytes:
-            raise ProtocolError(f"{self.peer} announced a {n}-byte message (limit {self.max_message_bytes})")
+        if not 0 < n <= limit:
+            raise ProtocolError(f"{self.peer} announced a {n}-byte message (limit {limit})")
         payload = torch.empty(n, dtype=torch.uint8)
         self._wait("recv", self._start("recv", payload, 1), timeout)
         self.stats.bytes_received += n + 8
         self.stats.messages_received += 1
-        return decode(payload.numpy().tobytes(), max_bytes=self.max_message_bytes)
+        return decode(payload.numpy(), max_bytes=limit, max_header=max_header)
 
     def close(self) -> None:
         """Deliver what is still being sent, if the peer takes it; the group goes with its last reference."""

@@ -30,6 +30,8 @@ class Transport(Protocol):
 
     def send(self, msg: Message) -> None: ...
 
-    def recv(self, timeout: float | None = None) -> Message: ...
+    def recv(self, timeout: float | None = None, *, payload_bytes: int | None = None) -> Message:
+        """The next message. `payload_bytes`: a reply that may carry at most that many tensor bytes (its
+        length is checked against that, plus a small header, before anything is allocated)."""
 
     def close(self) -> None: ...
