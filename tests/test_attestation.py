@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from tempo.attestation import dev
@@ -21,7 +22,7 @@ from tempo.attestation.framing import receive as _receive
 from tempo.attestation.framing import send as _send
 from tempo.attestation.policy import Policy
 from tempo.attestation.release import KeyServer, request_key
-from tempo.errors import AttestationError
+from tempo.errors import AttestationError, ConfigError
 from tempo.sealed.stream import new_data_key, write_key_file
 from test_cli import assert_one_line_error, invoke
 
@@ -56,7 +57,7 @@ def serving(policy: Policy, ledger=None) -> Iterator[tuple[str, KeyServer, list[
 def server(signing_key) -> Iterator[tuple[str, KeyServer, list[str]]]:
     """A key server that expects this Tempo's measurement and trusts the dev key."""
     public = dev.public_key_hex(dev.load_signing_key(signing_key))
-    with serving(Policy(frozenset({dev.measure()}), frozenset({public}))) as running:
+    with serving(Policy(frozenset({("dev", dev.measure())}), frozenset({public}))) as running:
         yield running
 
 
@@ -221,7 +222,8 @@ def test_keyserver_and_measure_commands(tmp_path, signing_key):
     port = probe.getsockname()[1]
     probe.close()
     process = subprocess.Popen([sys.executable, "-m", "tempo.cli", "keyserver", "--key", str(tmp_path / "data.key"),
-                                "--expect", measurement, "--dev-trust", public, "--listen", f"127.0.0.1:{port}"],
+                                "--expect", f"dev:{measurement}", "--dev-trust", public, "--listen",
+                                f"127.0.0.1:{port}"],
                                stderr=subprocess.PIPE, text=True)
     try:
         for line in process.stderr:
@@ -233,7 +235,7 @@ def test_keyserver_and_measure_commands(tmp_path, signing_key):
         process.terminate()
         process.wait(timeout=10)
 
-    assert_one_line_error(invoke("keyserver", "--key", str(tmp_path / "data.key"), "--expect", "xyz"), 2,
+    assert_one_line_error(invoke("keyserver", "--key", str(tmp_path / "data.key"), "--expect", "dev:xyz"), 2,
                           "is not a hex measurement")
 
 
@@ -243,7 +245,7 @@ def test_hardware_evidence_is_checked_against_the_key_servers_vendor_roots():
     from test_attestation_dcap import TDX_MEASUREMENT, Build, make_pki, make_quote
 
     intel, impostor = make_pki(), make_pki("Not Intel")
-    with serving(Policy(frozenset({TDX_MEASUREMENT}), roots=(intel.root,))) as (address, ks, log):
+    with serving(Policy(frozenset({("tdx", TDX_MEASUREMENT)}), roots=(intel.root,))) as (address, ks, log):
         genuine = dcap.TdxAttester(lambda data: make_quote(intel, "tdx", Build(report_data=data)))
         assert request_key(address, genuine, timeout=5) == DATA_KEY
         forged = dcap.TdxAttester(lambda data: make_quote(impostor, "tdx", Build(report_data=data)))
@@ -251,18 +253,57 @@ def test_hardware_evidence_is_checked_against_the_key_servers_vendor_roots():
             request_key(address, forged, timeout=5)
         _wait_for(log, 2)
         assert ks.granted == 1 and ks.refused == 1
-    with serving(Policy(frozenset({TDX_MEASUREMENT}))) as (address, _, _):
+    with serving(Policy(frozenset({("dev", TDX_MEASUREMENT)}), frozenset({"00" * 32}))) as (address, _, _):
         with pytest.raises(AttestationError, match="no vendor root"):
             request_key(address, genuine, timeout=5)
 
 
 def test_the_keyserver_command_needs_a_root_of_trust(tmp_path):
     write_key_file(tmp_path / "data.key", DATA_KEY)
-    assert_one_line_error(invoke("keyserver", "--key", str(tmp_path / "data.key"), "--expect", "ab"), 2,
+    assert_one_line_error(invoke("keyserver", "--key", str(tmp_path / "data.key"), "--expect", "sgx:ab"), 2,
                           "give --trust-root")
     (tmp_path / "root.pem").write_text("not a certificate")
-    assert_one_line_error(invoke("keyserver", "--key", str(tmp_path / "data.key"), "--expect", "ab",
+    assert_one_line_error(invoke("keyserver", "--key", str(tmp_path / "data.key"), "--expect", "sgx:ab",
                                  "--trust-root", str(tmp_path / "root.pem")), 2, "holds no PEM certificate")
+
+
+def test_dev_evidence_claiming_a_hardware_measurement_is_refused(signing_key):
+    """Measurements are pinned to their backend: a dev key's signature over the SGX MRENCLAVE is not SGX
+    evidence, even where the dev key is trusted for its own measurement."""
+    mrenclave = "5a" * 32
+    public = dev.public_key_hex(dev.load_signing_key(signing_key))
+    with serving(Policy(frozenset({("dev", dev.measure())}), frozenset({public}))) as (address, _, _):
+        with pytest.raises(AttestationError, match=f"{mrenclave} is not the expected one for backend dev"):
+            _request(address, _attester(signing_key, mrenclave))
+    from test_attestation_dcap import make_pki
+
+    policy = Policy(frozenset({("sgx", mrenclave)}), roots=(make_pki().root,))
+    evidence = Evidence("dev", mrenclave, "00" * 64, {"public_key": public, "signature": "00" * 64})
+    with pytest.raises(AttestationError, match="does not accept the dev backend"):
+        policy.check(evidence)
+
+
+def test_a_key_server_trusting_both_hardware_roots_and_dev_keys_is_refused_at_start(tmp_path):
+    from test_attestation_dcap import make_pki
+
+    with pytest.raises(ConfigError, match="not both"):
+        Policy(frozenset({("sgx", "5a" * 32)}), frozenset({"00" * 32}), (make_pki().root,))
+    write_key_file(tmp_path / "data.key", DATA_KEY)
+    (tmp_path / "root.pem").write_bytes(make_pki().root.public_bytes(serialization.Encoding.PEM))
+    assert_one_line_error(invoke("keyserver", "--key", str(tmp_path / "data.key"), "--expect", "sgx:" + "5a" * 32,
+                                 "--trust-root", str(tmp_path / "root.pem"), "--dev-trust", "00" * 32), 2,
+                          "--trust-root", "--dev-trust", "not both")
+
+
+@pytest.mark.parametrize(("expect", "problem"), [
+    ("5a" * 32, "names no backend: write BACKEND:MEASUREMENT"),
+    ("sgz:" + "5a" * 32, "unknown backend 'sgz'"),
+    ("tdx:" + "5a" * 32, "needs --trust-root"),
+])
+def test_expected_measurements_name_their_backend(tmp_path, expect, problem):
+    write_key_file(tmp_path / "data.key", DATA_KEY)
+    assert_one_line_error(invoke("keyserver", "--key", str(tmp_path / "data.key"), "--expect", expect,
+                                 "--dev-trust", "00" * 32), 2, problem)
 
 
 def test_the_checkpoint_ledger_only_moves_forward_and_only_for_the_key_holder(tmp_path):
@@ -280,6 +321,6 @@ def test_the_checkpoint_ledger_only_moves_forward_and_only_for_the_key_holder(tm
         with pytest.raises(AttestationError, match="does not verify: replayed or forged"):
             LedgerClient(address, new_data_key(), "run-1", timeout=5).latest()
         assert LedgerClient(address, DATA_KEY, "run-2", timeout=5).latest() is None
-    with serving(Policy(frozenset({"ab"}), frozenset({"00" * 32}))) as (address, _, _):
+    with serving(Policy(frozenset({("dev", "ab")}), frozenset({"00" * 32}))) as (address, _, _):
         with pytest.raises(AttestationError, match="keeps no checkpoint ledger"):
             LedgerClient(address, DATA_KEY, "run-1", timeout=5).latest()

@@ -49,5 +49,5 @@ gramine-sgx-sign --key "$key" --manifest "$out/tempo.manifest" --output "$out/te
 mrenclave=$(gramine-sgx-sigstruct-view --output-format json "$out/tempo.sig" | "$python" -c \
   'import json, sys; print(json.load(sys.stdin)["mr_enclave"])')
 echo "built $out/tempo.manifest.sgx"
-echo "MRENCLAVE $mrenclave   (the owner runs: tempo keyserver --expect $mrenclave --trust-root INTEL_ROOT.pem ...)"
+echo "MRENCLAVE $mrenclave   (the owner runs: tempo keyserver --expect sgx:$mrenclave --trust-root INTEL_ROOT.pem ...)"
 echo "run it:  cd $out && gramine-sgx tempo"

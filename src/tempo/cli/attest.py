@@ -19,7 +19,9 @@ def measure(
     with reported_errors():
         from ..attestation import dev
 
-        typer.echo(f"measurement {dev.measure()}")
+        measurement = dev.measure()
+        typer.echo(f"measurement {measurement} (the owner expects it with `tempo keyserver --expect "
+                   f"{dev.BACKEND}:{measurement}`)")
         if dev_key is not None:
             typer.echo(f"dev signing key {dev_key}: public key {dev.create_signing_key(dev_key)}")
             typer.echo(f"warning: {dev.WARNING}", err=True)
@@ -27,7 +29,9 @@ def measure(
 
 def keyserver(
     key: Annotated[Path, typer.Option(help="The data key file (from `tempo seal`).")],
-    expect: Annotated[list[str], typer.Option(help="Measurement to release the key to (repeatable).")],
+    expect: Annotated[list[str], typer.Option(
+        help="BACKEND:MEASUREMENT to release the key to (repeatable), e.g. sgx:<MRENCLAVE>, tdx:<MRTD||RTMR0-3>, "
+             "sev-snp:<MEASUREMENT>, dev:<the value of `tempo measure`>.")],
     listen: Annotated[str, typer.Option(help="HOST:PORT to listen on.")] = "127.0.0.1:7070",
     dev_trust: Annotated[list[str] | None, typer.Option(
         help="Accept dev-backend evidence signed by this public key (hex; repeatable). Proves nothing "
@@ -43,29 +47,25 @@ def keyserver(
     with reported_errors():
         from ..attestation import dev
         from ..attestation.ledger import Ledger
-        from ..attestation.policy import Policy, load_roots
+        from ..attestation.policy import Policy, load_roots, parse_expected
         from ..attestation.release import KeyServer, parse_address
         from ..errors import ConfigError
         from ..sealed.stream import read_key_file
 
-        for m in expect:
-            try:
-                bytes.fromhex(m)
-            except ValueError:
-                raise ConfigError(f"--expect {m!r} is not a hex measurement") from None
+        expected = frozenset(parse_expected(m) for m in expect)
         for k in dev_trust or []:
             try:
                 if len(bytes.fromhex(k)) != 32:
                     raise ValueError
             except ValueError:
                 raise ConfigError(f"--dev-trust {k!r} is not a 32-byte hex Ed25519 public key") from None
-        if dev_trust:
-            typer.echo(f"warning: {dev.WARNING}", err=True)
         roots = tuple(c for path in trust_root or [] for c in load_roots(path))
         if not roots and not dev_trust:
             raise ConfigError("give --trust-root (vendor roots for sgx, tdx, sev-snp evidence) or --dev-trust")
-        server = KeyServer(read_key_file(key), Policy(frozenset(m.lower() for m in expect),
-                                                      frozenset(k.lower() for k in dev_trust or []), roots),
+        policy = Policy(expected, frozenset(k.lower() for k in dev_trust or []), roots)
+        if dev_trust:
+            typer.echo(f"warning: {dev.WARNING}", err=True)
+        server = KeyServer(read_key_file(key), policy,
                            ledger=Ledger(ledger or key.with_name(key.name + ".ledger.json")),
                            log=lambda line: typer.echo(line, err=True))
         host, port = parse_address(listen)
