@@ -125,12 +125,12 @@ class DistributedPool(LinkPool):
         if req.nonce in self._accepted:  # a copy of a request already accepted
             return self._refused(slot, req.name, "a replayed join request")
         self._accepted.add(req.nonce)
-        self._store.set(answer_key(req.nonce), answer(self._token, req.nonce, slot, OK))
+        self._store.queue_push(answer_key(req.nonce), answer(self._token, req.nonce, slot, OK))
         threading.Thread(target=self._link, args=(slot, req.name, link_timeout), daemon=True,
                          name=f"tempo-join-{slot}").start()
 
     def _refuse(self, slot: int, req: JoinRequest, reason: str) -> None:
-        self._store.set(answer_key(req.nonce), answer(self._token, req.nonce, slot, REFUSED + reason))
+        self._store.queue_push(answer_key(req.nonce), answer(self._token, req.nonce, slot, REFUSED + reason))
         self._refused(slot, req.name, reason)
 
     def _refused(self, slot: int, name: str, reason: str) -> None:
