@@ -10,8 +10,10 @@ on) and a worker can join later under a new slot.
 Joining (messages and proofs: :mod:`tempo.wire.join`; keys under ``tempo/``)::
 
     enclave: challenge = 32 random bytes (kept in enclave memory, a copy in the store)
-    worker:  slot = add("tempo/joins", 1); set("tempo/join/<slot>", {version, name, nonce, proof})
-    enclave: set("tempo/accept/<slot>", MAC(nonce, verdict) + verdict), verdict "ok" or "refused: ..."
+    worker:  queue_push("tempo/joins", {version, name, nonce, proof}), nonce fresh, proof over
+             the challenge and the nonce
+    enclave: pops it, numbers it (the slot) and pushes onto queue "tempo/accept/<nonce>" its
+             answer: slot, verdict ("ok" or "refused: ...") and a MAC over nonce, slot and verdict
     both, on a verified "ok": open the pair group under prefix "tempo/link/<slot>", then prove the
     link itself, before any job:
       enclave -> worker: enclave nonce (fresh, enclave memory)
@@ -19,8 +21,10 @@ Joining (messages and proofs: :mod:`tempo.wire.join`; keys under ``tempo/``)::
       enclave -> worker: HMAC(token, "tempo-link-enclave", slot, both nonces)
 
 The store is not authenticated: anyone who reaches its port reads and writes any key, so it can
-rewrite the challenge, forge answers and race for either rank of a pair. The link proof is what
-decides. A pair whose peer fails it is dropped and does not count, and the worker joins again
+rewrite the challenge, push forged answers and race for either rank of a pair. No reservation
+step exists (a request is one queue item), so a stranger holds no slot that others wait for, and
+a forged answer cannot replace the enclave's (a queue, read until a verified one). The link proof
+is what decides. A pair whose peer fails it is dropped and does not count, and the worker joins again
 under a new slot; the enclave closes the store once its workers have joined. What a store writer
 can and cannot do: docs/faults.md ("Hostile peers at the join").
 """
@@ -38,7 +42,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch.distributed import DistError, PrefixStore, ProcessGroupGloo, Store, TCPStore, Work
+from torch.distributed import DistError, PrefixStore, ProcessGroupGloo, QueueEmptyError, Store, TCPStore, Work
 
 from ..errors import ConfigError, ProtocolError, WorkerLostError, WorkerTimeoutError
 from .codec import MAX_HEADER_BYTES, REPLY_HEADER_BYTES, decode, encode, reply_frame_bytes
@@ -62,7 +66,7 @@ PREFIX = "tempo/"
 FOREVER_S = 10 * 365 * 86400.0
 MIN_TOKEN_BYTES = 32
 TOKEN_RECIPE = "(umask 077; head -c 32 /dev/urandom | base64 > token)"
-LINK_SETUP_TIMEOUT_S = 20.0  # to open a pair and prove the link, once both sides know the slot
+LINK_SETUP_TIMEOUT_S = 10.0  # to open a pair and prove the link, once both sides know the slot
 ANSWER_TIMEOUT_S = 30.0  # for the enclave's answer to a join request (it answers within a poll)
 UNVERIFIED_WAIT_S = 1.0  # how long an unverified answer is given to be overwritten by the enclave's
 UNVERIFIED_ATTEMPTS = 3  # slots tried before unverified refusals end the join
@@ -270,23 +274,26 @@ def _challenge(store: TCPStore) -> bytes:
 
 
 def _await_answer(store: TCPStore, token: bytes, nonce: bytes, timeout: float) -> Answer | None:
-    """The enclave's answer to the request with `nonce`: a verified one as soon as it is there; an
-    unverified one only if no verified one overwrote it within UNVERIFIED_WAIT_S; None if none came."""
+    """The enclave's answer to the request with `nonce`: a verified one as soon as it is there; the first
+    unverified one if no verified one followed within UNVERIFIED_WAIT_S; None if none came. Answers are
+    a queue, so a forged one cannot overwrite the enclave's, only stand before it."""
     key, end = answer_key(nonce), time.monotonic() + timeout
-    got, doubted_since = None, None
-    while time.monotonic() < end:
-        if store.check([key]):
-            got = read_answer(token, nonce, store.get(key))
-            if got.verified:
-                return got
-            doubted_since = doubted_since or time.monotonic()
-            if time.monotonic() - doubted_since >= UNVERIFIED_WAIT_S:
-                return got
-        time.sleep(POLL_S)
-    return got
+    doubt, doubted_since = None, 0.0
+    while (now := time.monotonic()) < end and not (doubt and now - doubted_since >= UNVERIFIED_WAIT_S):
+        try:
+            got = read_answer(token, nonce, store.queue_pop(key, block=False))
+        except QueueEmptyError:
+            time.sleep(POLL_S)
+            continue
+        if got.verified:
+            return got
+        doubt, doubted_since = doubt or got, doubted_since or now
+    return doubt
 
 
 def answer_key(nonce: bytes) -> str:
+    """The queue of answers to the request with `nonce` (queues are not listed by the store: only a
+    peer that read the request knows it)."""
     return f"{PREFIX}accept/{nonce.hex()}"
 
 
