@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3  # 3: queued join requests, signed answers, the link proved both ways (wire.dist)
 
 # Optimizers a worker can repeat on resident weights (torch.optim class names): element-wise ones,
 # whose update of a permuted weight is the permuted update.
