@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 from typing import Annotated
@@ -11,14 +10,11 @@ import typer
 
 from ..errors import ConfigError
 from ..training.config import DatasetName, Mode, TrainConfig, parse_shape
+from . import options as opts
 from .errors import reported_errors
+from .runtime import passive_openmp, show_warning
 
 _DEFAULTS = TrainConfig()
-
-
-def _show_warning(message: Warning | str, *_: object, **__: object) -> None:
-    """Warnings as one ``warning: ...`` line: the source line of the library that warned means nothing here."""
-    typer.echo(f"warning: {message}", err=True)
 
 
 def train(
@@ -35,33 +31,20 @@ def train(
     mode: Annotated[Mode, typer.Option(
         help="tempo: protected, products offloaded to workers; plain: ordinary PyTorch (CUDA if available); "
              "enclave: everything in this process on CPU.")] = _DEFAULTS.mode,
-    workers: Annotated[int, typer.Option(min=1, help="Local workers (tempo mode).")] = _DEFAULTS.workers,
-    in_process_workers: Annotated[bool, typer.Option(
-        "--in-process-workers", help="Run the workers as objects in this process, not as processes.")] = False,
-    listen: Annotated[str | None, typer.Option(
-        help="HOST:PORT where remote workers join (`tempo worker --connect HOST:PORT --token-file T` on each GPU "
-             "host); training starts when --workers of them have joined.")] = None,
-    token_file: Annotated[Path | None, typer.Option(
-        help="The job's secret token (at least 16 bytes), which every remote worker must prove.")] = None,
-    scheme: Annotated[str, typer.Option(
-        help="Blinding scheme: mix (dense mixing keys, the default), permute (cheaper, leaks the model; needed "
-             "for --key-lifetime > 1), or none (INSECURE).")] = _DEFAULTS.scheme,
-    checks: Annotated[int, typer.Option(min=0, help="Freivalds checks per product (0 disables).")
-                      ] = _DEFAULTS.checks,
-    offload_anchors: Annotated[bool, typer.Option(
-        "--offload-anchors", help="Also offload the first product (it sees the raw inputs) and the last (its "
-                                  "output gradient carries the labels); by default they run in the enclave.")
-                               ] = False,
-    unfold_convs: Annotated[bool, typer.Option(
-        "--unfold-convs", help="Offload convolutions unfolded (im2col): the row key then shuffles spatial positions "
-                               "too, which channel keys leave in place; X' grows k²/stride²-fold.")] = False,
+    workers: opts.Workers = _DEFAULTS.workers,
+    in_process_workers: opts.InProcessWorkers = False,
+    listen: opts.Listen = None,
+    token_file: opts.TokenFile = None,
+    scheme: opts.Scheme = _DEFAULTS.scheme,
+    checks: opts.Checks = _DEFAULTS.checks,
+    offload_anchors: opts.OffloadAnchors = False,
+    unfold_convs: opts.UnfoldConvs = False,
     key_lifetime: Annotated[int, typer.Option(
         min=1, help="Training steps each weight keeps its key. 1: fresh keys for every product. K > 1: each "
                     "worker keeps its blinded weights and repeats the optimizer step on them, which saves "
                     "sending them every step but shows a worker one weight under one key for K steps.")
                             ] = _DEFAULTS.key_lifetime,
-    worker_timeout: Annotated[float, typer.Option(help="Seconds to wait for a worker's reply.")
-                              ] = _DEFAULTS.worker_timeout,
+    worker_timeout: opts.WorkerTimeout = _DEFAULTS.worker_timeout,
     seed: Annotated[int, typer.Option(help="Fixes initial weights, data order and subsets.")] = _DEFAULTS.seed,
     out: Annotated[Path | None, typer.Option(help="Folder for metrics and model.pt [default: runs/<timestamp>]")
                    ] = None,
@@ -96,23 +79,15 @@ def train(
     bundle: Annotated[Path | None, typer.Option(
         help="Train from a sealed bundle (`tempo seal`): its dataset and settings, opened with the data key "
              "that --keyserver releases after attestation; the final model is written sealed.")] = None,
-    keyserver: Annotated[str | None, typer.Option(help="HOST:PORT of the owner's `tempo keyserver`.")] = None,
-    attestation: Annotated[str | None, typer.Option(
-        help="Attestation backend for --keyserver: sgx (under Gramine), tdx or sev-snp (confidential VMs, "
-             "configfs-tsm), or dev (a software measurement signed with --dev-key: proves nothing about "
-             "hardware). The hardware backends have not been run on hardware yet.")] = None,
-    dev_key: Annotated[Path | None, typer.Option(help="Signing key of the dev backend (`tempo measure --dev-key`).")
-                       ] = None,
+    keyserver: opts.Keyserver = None,
+    attestation: opts.Attestation = None,
+    dev_key: opts.DevKey = None,
 ) -> None:
     """Train a model; write per-step and per-epoch metrics, config.json and model.pt to --out."""
     if mode is Mode.TEMPO:
-        # Must precede torch's import. The enclave and its local workers take turns on the same cores,
-        # and OpenMP threads that spin while the other side works steal them: ResNet-18, batch 128, on
-        # 2 cores with one busy process beside the run, 9 img/s spinning against 125 img/s passive
-        # (alone, within 5 % of each other). Worker processes inherit the setting.
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        passive_openmp()
     with reported_errors(), warnings.catch_warnings():
-        warnings.showwarning = _show_warning
+        warnings.showwarning = show_warning
         from ..training.loop import train as run
 
         config = TrainConfig(

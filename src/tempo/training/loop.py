@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from ..enclave.hosting import WorkerOptions, open_workers
 from ..enclave.pools import WorkerPool
 from ..errors import ConfigError, IntegrityError, ProtocolError, WorkerError
 from .checkpoints import CheckpointStore, PlainCheckpoints
@@ -77,36 +78,23 @@ def _placement(config: TrainConfig, model: nn.Module) -> Iterator[tuple[nn.Modul
 
 def _workers(config: TrainConfig) -> WorkerPool:
     """The run's worker pool: remote workers joining on ``config.listen``, else local ones."""
-    import tempo
+    return open_workers(worker_options(config), record=None if config.record is None else config.record / "view",
+                        record_steps=config.record_steps, record_until=config.record_until)
 
-    if config.listen is not None:
-        if config.token_file is None:
-            raise ConfigError("--listen needs --token-file: workers join only with the job's secret token")
-        if config.record is not None:
-            raise ConfigError("--record works with local workers only (it records their side)")
-        return tempo.remote_workers(config.workers, listen=config.listen, token_file=config.token_file,
-                                    timeout=config.worker_timeout)
-    record = config.record
-    return tempo.local_workers(config.workers, in_process=config.in_process_workers, timeout=config.worker_timeout,
-                               record=None if record is None else record / "view",
-                               record_steps=config.record_steps, record_until=config.record_until)
+
+def worker_options(config: TrainConfig) -> WorkerOptions:
+    return WorkerOptions(config.workers, config.in_process_workers, config.listen, config.token_file,
+                         config.worker_timeout)
 
 
 def describe(config: TrainConfig, data: LoadedData) -> str:
     where = {Mode.PLAIN: "plain PyTorch", Mode.ENCLAVE: "enclave-only (CPU, no workers)",
-             Mode.TEMPO: f"tempo mode, {config.workers} "
-                         f"{_worker_kind(config)} worker(s), "
+             Mode.TEMPO: f"tempo mode, {worker_options(config).describe()} worker(s), "
                          f"scheme {config.scheme}, checks {config.checks}, key lifetime {config.key_lifetime}"
              }[config.mode]
     return (f"training {config.model} on {config.dataset.value} ({len(data.train)} train / {len(data.test)} test "
             f"images, {data.channels}x{data.image_size}x{data.image_size}) for {config.epochs} epoch(s), "
             f"batch {config.batch_size}, lr {config.lr} (cosine), seed {config.seed}: {where}")
-
-
-def _worker_kind(config: TrainConfig) -> str:
-    if config.listen is not None:
-        return f"remote (joining on {config.listen})"
-    return "in-process" if config.in_process_workers else "process"
 
 
 def save_plain(state: dict[str, Tensor], out_dir: Path, step: int) -> Path:
