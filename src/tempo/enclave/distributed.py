@@ -137,7 +137,7 @@ class DistributedPool(LinkPool):
         self._refusals += 1
         if self._refusals <= LOGGED_REFUSALS:
             self._log(f"refused the worker in slot {slot}: {reason}"
-                      + ("" if name == "?" else f" (it calls itself {printable(name, MAX_NAME_CHARS)!r})"))
+                      + ("" if name == "?" else f" (it calls itself '{printable(name, MAX_NAME_CHARS)}')"))
         elif self._refusals == LOGGED_REFUSALS + 1:
             self._log(f"refused {LOGGED_REFUSALS} join requests; further refusals are not logged")
 

@@ -68,7 +68,7 @@ MIN_TOKEN_BYTES = 32
 TOKEN_RECIPE = "(umask 077; head -c 32 /dev/urandom | base64 > token)"
 LINK_SETUP_TIMEOUT_S = 10.0  # to open a pair and prove the link, once both sides know the slot
 ANSWER_TIMEOUT_S = 30.0  # for the enclave's answer to a join request (it answers within a poll)
-UNVERIFIED_WAIT_S = 1.0  # how long an unverified answer is given to be overwritten by the enclave's
+UNVERIFIED_WAIT_S = 1.0  # how long after an unverified answer a verified one may still follow
 UNVERIFIED_ATTEMPTS = 3  # slots tried before unverified refusals end the join
 LINK_TAG = 2  # gloo tag of the link proof (frames use 0 and 1)
 STORE_TIMEOUT_S = 10.0  # for one store operation once connected
@@ -135,7 +135,10 @@ class LentStore(Store):
         return self._lent().check(keys)
 
     def wait(self, keys: list[str], timeout: datetime.timedelta | None = None) -> None:
-        self._lent().wait(keys) if timeout is None else self._lent().wait(keys, timeout)
+        if timeout is None:
+            self._lent().wait(keys)
+        else:
+            self._lent().wait(keys, timeout)
 
     def delete_key(self, key: str) -> bool:
         return self._lent().delete_key(key)
@@ -255,13 +258,14 @@ def _join(store: TCPStore, token: bytes, name: str, address: str, deadline: floa
             notice("the challenge read from the rendezvous was not the enclave's (rewritten?); asking again")
         else:
             doubts += 1
+            said = f"refused this worker: {reason}" if got.verdict.startswith(REFUSED) else "answered this worker"
             if doubts == 1:
-                notice(f"an answer this worker cannot verify (refused: {reason}): the enclave holds another "
-                       "token, or someone who reaches its rendezvous wrote it; asking again")
+                notice(f"an answer this worker cannot verify ({said}): the enclave holds another token, or "
+                       "someone who reaches its rendezvous wrote it; asking again")
             if doubts == UNVERIFIED_ATTEMPTS:
-                raise ConfigError(f"the enclave at {address} refused this worker: {reason} ({doubts} answers not "
-                                  "signed with this worker's token: the enclave holds another token, or someone "
-                                  "who reaches its rendezvous forged them)")
+                raise ConfigError(f"the enclave at {address} {said} ({doubts} answers not signed with this "
+                                  "worker's token: the enclave holds another token, or someone who reaches its "
+                                  "rendezvous forged them)")
     raise WorkerTimeoutError(f"did not join the enclave at {address} within the join timeout")
 
 
