@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from . import attack, attest, env, predict, seal, train, worker
+from . import attack, attest, env, predict, seal, serve, train, worker
 
 # Tracebacks never show local variables: in the enclave they hold plaintext weights and keys.
 app = typer.Typer(name="tempo", help="Confidential training: the enclave offloads every product, blinded.",
@@ -22,6 +22,7 @@ app.command("measure")(attest.measure)
 app.command("keyserver")(attest.keyserver)
 app.command("worker")(worker.worker)
 app.command("predict")(predict.predict)
+app.command("serve")(serve.serve)
 
 
 def main() -> None:
