@@ -304,23 +304,3 @@ def test_expected_measurements_name_their_backend(tmp_path, expect, problem):
     write_key_file(tmp_path / "data.key", DATA_KEY)
     assert_one_line_error(invoke("keyserver", "--key", str(tmp_path / "data.key"), "--expect", expect,
                                  "--dev-trust", "00" * 32), 2, problem)
-
-
-def test_the_checkpoint_ledger_only_moves_forward_and_only_for_the_key_holder(tmp_path):
-    from tempo.attestation.ledger import Ledger, LedgerClient
-
-    path, policy = tmp_path / "ledger.json", Policy(frozenset(), frozenset({"00" * 32}))
-    with serving(policy, Ledger(path)) as (address, _, _):
-        client = LedgerClient(address, DATA_KEY, "run-1", timeout=5)
-        assert client.latest() is None
-        client.record(10, "aa")
-        client.record(5, "bb")  # a replayed older report changes nothing
-        assert client.latest() == Ledger(path).latest("run-1") and client.latest().step == 10
-        with pytest.raises(AttestationError, match="tag does not verify"):
-            LedgerClient(address, new_data_key(), "run-1", timeout=5).record(99, "cc")  # no data key, no say
-        with pytest.raises(AttestationError, match="does not verify: replayed or forged"):
-            LedgerClient(address, new_data_key(), "run-1", timeout=5).latest()
-        assert LedgerClient(address, DATA_KEY, "run-2", timeout=5).latest() is None
-    with serving(Policy(frozenset({("dev", "ab")}), frozenset({"00" * 32}))) as (address, _, _):
-        with pytest.raises(AttestationError, match="keeps no checkpoint ledger"):
-            LedgerClient(address, DATA_KEY, "run-1", timeout=5).latest()

@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import threading
 import warnings
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
 import torch
 
 from tempo.attestation import dev
+from tempo.attestation.framing import send
 from tempo.attestation.ledger import Ledger
 from tempo.attestation.policy import Policy
 from tempo.attestation.release import KeyServer
+from tempo.sealed.metrics import open_metrics
 from tempo.sealed.model import open_state
 from tempo.sealed.stream import read_key_file
 from tempo.training.config import DEFAULT_FASHION_MNIST_DIR, TrainConfig
 from tempo.training.loop import train
+from test_attestation_ledger import intercepting
 from test_cli import assert_one_line_error, invoke
 
 RUN = {"model": "small_cnn", "epochs": 1, "train_subset": 256, "test_subset": 200, "batch_size": 64,
@@ -42,7 +48,7 @@ def sealed(tmp_path_factory) -> tuple[Path, Path, Path]:
 def keyserver(sealed, tmp_path) -> Iterator[tuple[str, list[str]]]:
     def start(measurement: str) -> str:
         public = dev.public_key_hex(dev.load_signing_key(sealed[2]))
-        ks = KeyServer(read_key_file(sealed[1]), Policy(frozenset({measurement}), frozenset({public})),
+        ks = KeyServer(read_key_file(sealed[1]), Policy(frozenset({("dev", measurement)}), frozenset({public})),
                        ledger=Ledger(tmp_path / "ledger.json"), log=log.append, timeout=10)
         host, port = ks.bind("127.0.0.1", 0)
         thread = threading.Thread(target=ks.serve_forever, args=(stop,), daemon=True)
@@ -57,6 +63,31 @@ def keyserver(sealed, tmp_path) -> Iterator[tuple[str, list[str]]]:
     for ks, thread in servers:
         thread.join()
         ks.close()
+
+
+def dropping_checkpoint_reports(address: str) -> AbstractContextManager[str]:
+    """A network attacker between the enclave and the key server: it relays the key release and the ledger's
+    queries, and drops every checkpoint report unanswered."""
+
+    def pump(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(1 << 16):
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    def relay(conn: socket.socket, first: dict) -> None:
+        if first["type"] == "checkpoint":
+            return
+        host, port = address.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=10) as upstream:
+            send(upstream, first)
+            back = threading.Thread(target=pump, args=(upstream, conn), daemon=True)
+            back.start()
+            pump(conn, upstream)
+            back.join()
+
+    return intercepting(relay)
 
 
 def _train_bundle(sealed, address: str, out: Path, *extra: str):
@@ -151,5 +182,60 @@ def test_deleting_the_newest_checkpoints_is_caught_by_the_key_servers_ledger(sea
     (run / "checkpoints" / "step-00000004.sealed").unlink()  # the cloud hides the newest
     assert_one_line_error(_train_bundle(sealed, address, run, "--checkpoint-every", "2", "--resume"), 2,
                           "recorded a checkpoint of step 4, but the newest here is step 2", "rollback")
+    assert_one_line_error(_train_bundle(sealed, address, tmp_path / "again", "--checkpoint-every", "2"), 2,
+                          "up to step 4: this bundle was trained before")  # nor can the run start over unnoticed
     r = _train_bundle(sealed, address, run, "--checkpoint-every", "2", "--resume", "--resume-step", "2")
-    assert r.returncode == 0, r.stderr  # the owner's explicit choice
+    assert r.returncode == 0, r.stderr  # an explicit choice
+
+
+def test_a_bundle_run_writes_nothing_in_the_clear_and_the_owner_gets_the_metrics_back(sealed, keyserver, tmp_path):
+    start, _ = keyserver
+    bundle, key_file, dev_key = sealed
+    run = tmp_path / "run"
+    r = invoke("train", "--bundle", str(bundle), "--keyserver", start(dev.measure()), "--attestation", "dev",
+               "--dev-key", str(dev_key), "--out", str(run), "--in-process-workers", "--workers", "1",
+               "--checkpoint-every", "2")  # with the progress bar: the host sees it too
+    assert r.returncode == 0, r.stderr
+    assert {p.name for p in run.iterdir()} == {"checkpoints", "metrics.sealed", "model.sealed"}
+
+    r_owner = invoke("unseal", str(run / "metrics.sealed"), "--key", str(key_file), "--out", str(tmp_path / "owner"))
+    assert r_owner.returncode == 0, r_owner.stderr
+    owner = tmp_path / "owner"
+    config = json.loads((owner / "config.json").read_text())
+    assert {k: config[k] for k in RUN} == RUN
+    steps = [json.loads(line) for line in (owner / "steps.jsonl").read_text().splitlines()]
+    epochs = [json.loads(line) for line in (owner / "epochs.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [1, 2, 3, 4] and len(epochs) == 1
+    assert (owner / "steps.csv").read_text().startswith("step,epoch,loss,accuracy")
+    assert (owner / "faults.jsonl").read_text() == ""
+    assert open_metrics(run / "metrics.sealed", read_key_file(key_file))["tables"]["steps"][1] == steps
+
+    values = [v for row in steps + epochs for k, v in row.items() if "loss" in k or "accuracy" in k]
+    secrets = {b"small_cnn", b"train_subset", b"test_subset", b"scheme", b"loss", b"accuracy"}
+    secrets |= {text.encode() for v in values for text in (repr(v), f"{v:.4f}", f"{v:.2%}") if len(text) >= 6}
+    for path in (p for p in run.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        assert not [s for s in secrets if s in data], f"{path} holds plaintext"
+    terminal = r.stdout + r.stderr
+    assert "img/s" in r.stderr and "shows progress only" in r.stdout
+    assert "loss" not in terminal and "acc" not in terminal and "small_cnn" not in terminal
+    assert not [s for s in secrets if s.decode() in terminal]
+
+
+def test_a_checkpoint_the_key_server_cannot_record_stops_the_run_and_resume_picks_it_up(sealed, keyserver, tmp_path):
+    """A network attacker blocks the checkpoint reports (to delete the checkpoints later unnoticed): the run stops
+    at the first one, keeps it, and --resume records it once the key server is reachable again."""
+    start, log = keyserver
+    address, run = start(dev.measure()), tmp_path / "run"
+    with dropping_checkpoint_reports(address) as attacker:
+        assert_one_line_error(_train_bundle(sealed, attacker, run, "--checkpoint-every", "2"), 4,
+                              "step 2 is written", "did not record it", "The run stops here", "--resume")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000002.sealed"]
+    assert not (run / "model.sealed").exists()
+    key = read_key_file(sealed[1])
+    assert [s["step"] for s in open_metrics(run / "metrics.sealed", key)["tables"]["steps"][1]] == [1, 2]
+
+    r = _train_bundle(sealed, address, run, "--checkpoint-every", "2", "--resume")
+    assert r.returncode == 0, r.stderr
+    assert "resumed from the checkpoint of step 2" in r.stdout and (run / "model.sealed").is_file()
+    assert sum("recorded checkpoint step" in line for line in log) == 2  # step 2 on resuming, then step 4

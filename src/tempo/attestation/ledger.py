@@ -2,16 +2,25 @@
 deletes the newer checkpoints cannot roll a resumed run back to an older one unnoticed.
 
 Sealing makes each checkpoint authentic, but only something outside the cloud's control can say
-which one is the newest. After writing a checkpoint the enclave reports (run id, step, SHA-256 of
-the sealed file) to the owner's key server, which keeps the highest step per run in a JSON file and
-never lowers it. A resuming enclave asks for that entry with a fresh nonce. Both directions are
-authenticated with an HMAC under a key derived from the data key, which only the owner and the
-attested enclave hold; the nonce makes an old answer useless.
+which one is the newest. The ledger holds, per run id, the last checkpoint the enclave recorded
+(step and SHA-256 of the sealed file). Every move is a compare-and-swap: the enclave reports the
+entry it replaces and the new one, and the key server applies it only if the ledger still holds the
+entry replaced. So a replayed old report changes nothing once the run has moved on, and two
+processes training the same run cannot both move it.
+
+Every message is authenticated with an HMAC under a key derived from the data key, which only the
+owner's key server and the attested enclave hold, over (message kind, run id, a fresh nonce of the
+enclave's, step, digest). The enclave checks that each answer is for its own nonce and names exactly
+the entry it expects; anything else (no answer, a forged or replayed one, another step) is an
+AttestationError, and the run stops rather than go on with a checkpoint the ledger does not know.
 
 Messages (same framing as the key release, :mod:`.framing`)::
 
-    enclave -> server  {"type": "checkpoint", "run_id", "step", "digest", "tag"}   -> {"type": "recorded", "step"}
-    enclave -> server  {"type": "latest", "run_id", "nonce"}   -> {"type": "latest", "step", "digest", "tag"}
+    enclave -> server  {"type": "checkpoint", "run_id", "nonce", "after": [step, digest] | null, "step", "digest",
+                        "tag"}
+    server -> enclave  {"type": "recorded", "step", "digest", "tag"}   # the run's entry now, applied or not
+    enclave -> server  {"type": "latest", "run_id", "nonce"}
+    server -> enclave  {"type": "latest", "step", "digest", "tag"}     # step 0, digest "": no entry
 """
 
 from __future__ import annotations
@@ -32,6 +41,8 @@ from ..errors import AttestationError, ConfigError
 from .framing import field, receive, send
 
 TYPES = ("checkpoint", "latest")  # the first message of a ledger connection
+NONCE_BYTES = 32
+_NONE = (0, "")  # how "no entry" travels and is authenticated
 
 
 @dataclass(frozen=True)
@@ -41,25 +52,35 @@ class Entry:
 
 
 def ledger_key(data_key: bytes) -> bytes:
-    return HKDF(hashes.SHA256(), 32, salt=None, info=b"tempo/checkpoint-ledger/v1").derive(data_key)
+    return HKDF(hashes.SHA256(), 32, salt=None, info=b"tempo/checkpoint-ledger/v2").derive(data_key)
 
 
 def _tag(key: bytes, *fields: object) -> str:
+    """HMAC-SHA256 over the fields as a JSON list of strings: each field delimited, none can run into the next."""
     return hmac.new(key, json.dumps([str(f) for f in fields]).encode(), hashlib.sha256).hexdigest()
 
 
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def _pair(entry: Entry | None) -> tuple[int, str]:
+    return _NONE if entry is None else (entry.step, entry.digest)
+
+
+def _entry(message: dict, peer: str, *, optional: bool = False) -> Entry | None:
+    """The (step, digest) a message carries, strictly typed; AttestationError if it has none."""
+    step, digest = message.get("step"), message.get("digest")
+    if type(step) is not int or not isinstance(digest, str) or step < 0:
+        raise AttestationError(f"{peer} sent a {message['type']!r} message without an integer step and a digest")
+    if (step, digest) == _NONE and optional:
+        return None
+    if step < 1 or len(digest) != 64:
+        raise AttestationError(f"{peer} sent a {message['type']!r} message with step {step} and a digest of "
+                               f"{len(digest)} characters (expected a step >= 1 and a hex SHA-256)")
+    return Entry(step, digest)
 
 
 # ---- the owner's side --------------------------------------------------------------------------------
 
 class Ledger:
-    """Each run's newest checkpoint, in a JSON file that is rewritten atomically on every change."""
+    """Each run's last recorded checkpoint, in a JSON file that is rewritten atomically on every change."""
 
     def __init__(self, path: Path):
         self.path, self._lock = Path(path), threading.Lock()
@@ -73,44 +94,48 @@ class Ledger:
         with self._lock:
             return self._entries.get(run_id)
 
-    def record(self, run_id: str, entry: Entry) -> Entry:
-        """Keep `entry` if it is newer than the run's; return the run's newest (a replayed old report changes
-        nothing)."""
+    def record(self, run_id: str, after: Entry | None, entry: Entry) -> Entry | None:
+        """Replace the run's entry by `entry` if it is still `after`; return the run's entry now."""
         with self._lock:
-            current = self._entries.get(run_id)
-            if current is None or entry.step > current.step:
+            if self._entries.get(run_id) == after:
                 self._entries[run_id] = entry
                 partial = self.path.with_name(self.path.name + ".partial")
                 partial.write_text(json.dumps({r: vars(e) for r, e in self._entries.items()}, indent=1))
                 partial.replace(self.path)
-            return self._entries[run_id]
+            return self._entries.get(run_id)
 
 
 def serve(conn: socket.socket, peer: str, first: dict, key: bytes, ledger: Ledger) -> str:
     """Answer one ledger request (`first` is its message); returns the line to log."""
-    run_id = str(first.get("run_id", ""))
+    run_id = first.get("run_id")
+    if not isinstance(run_id, str) or not run_id:
+        raise AttestationError("a ledger request needs a run id")
+    nonce = field(first, "nonce", peer, NONCE_BYTES).hex()
     if first["type"] == "checkpoint":
-        try:
-            entry = Entry(int(first["step"]), str(first["digest"]))
-        except (KeyError, TypeError, ValueError):
-            raise AttestationError("a checkpoint report needs an integer step and a digest") from None
-        expected = _tag(key, "checkpoint", run_id, entry.step, entry.digest)
-        if not hmac.compare_digest(str(first.get("tag", "")), expected):
+        entry = _entry(first, peer)
+        after = first.get("after")
+        if not (after is None or (isinstance(after, list) and len(after) == 2)):
+            raise AttestationError("a checkpoint report's 'after' is the [step, digest] it replaces, or null")
+        after = None if after is None else _entry({"type": "after", "step": after[0], "digest": after[1]}, peer)
+        expected = _tag(key, "checkpoint", run_id, nonce, *_pair(after), *_pair(entry))
+        if not hmac.compare_digest(str(first.get("tag", "")).encode(), expected.encode()):
             raise AttestationError("the checkpoint report's tag does not verify: not from the enclave of this data key")
-        newest = ledger.record(run_id, entry)
-        send(conn, {"type": "recorded", "step": newest.step})
-        return f"recorded checkpoint step {entry.step} of run {run_id} (newest {newest.step})"
-    nonce = field(first, "nonce", peer, 32)
-    newest = ledger.latest(run_id) or Entry(0, "")
-    send(conn, {"type": "latest", "step": newest.step, "digest": newest.digest,
-                "tag": _tag(key, "latest", run_id, nonce.hex(), newest.step, newest.digest)})
-    return f"told {peer} run {run_id}'s newest checkpoint: step {newest.step}"
+        now = ledger.record(run_id, after, entry)
+        send(conn, {"type": "recorded", "step": _pair(now)[0], "digest": _pair(now)[1],
+                    "tag": _tag(key, "recorded", run_id, nonce, *_pair(now))})
+        outcome = "recorded" if now == entry else f"did not record (the ledger holds step {_pair(now)[0]})"
+        return f"{outcome} checkpoint step {entry.step} of run {run_id}"
+    now = ledger.latest(run_id)
+    send(conn, {"type": "latest", "step": _pair(now)[0], "digest": _pair(now)[1],
+                "tag": _tag(key, "latest", run_id, nonce, *_pair(now))})
+    return f"told {peer} run {run_id}'s newest checkpoint: step {_pair(now)[0]}"
 
 
 # ---- the enclave's side ------------------------------------------------------------------------------
 
 class LedgerClient:
-    """Reports checkpoints to, and asks for the newest from, the key server at `address`."""
+    """Records checkpoints with, and asks for the newest from, the key server at `address`; every answer is
+    checked for this request's nonce before it is believed."""
 
     def __init__(self, address: str, data_key: bytes, run_id: str, *, timeout: float = 10.0):
         from .release import parse_address
@@ -118,8 +143,14 @@ class LedgerClient:
         self.address, self._host_port = address, parse_address(address)
         self._key, self.run_id, self._timeout = ledger_key(data_key), run_id, timeout
 
-    def _ask(self, message: dict) -> dict:
+    def _ask(self, request: dict, answer_type: str, tagged: tuple[object, ...] = ()) -> Entry | None:
+        """Send `request` with a fresh nonce (and a tag over it and `tagged`, if any); the run's entry from the
+        answer, once its tag shows it answers this very request."""
         peer = f"key server {self.address}"
+        nonce = os.urandom(NONCE_BYTES).hex()
+        message = dict(request, run_id=self.run_id, nonce=nonce)
+        if tagged:
+            message["tag"] = _tag(self._key, request["type"], self.run_id, nonce, *tagged)
         try:
             with socket.create_connection(self._host_port, timeout=self._timeout) as sock:
                 send(sock, message)
@@ -128,23 +159,25 @@ class LedgerClient:
             raise AttestationError(f"cannot reach {peer}: {e}") from None
         if answer["type"] == "refused":
             raise AttestationError(f"{peer} refused: {answer.get('reason')}")
-        return answer
+        if answer["type"] != answer_type:
+            raise AttestationError(f"{peer} answered a {message['type']!r} request with {answer['type']!r}")
+        now = _entry(answer, peer, optional=True)
+        expected = _tag(self._key, answer_type, self.run_id, nonce, *_pair(now))
+        if not hmac.compare_digest(str(answer.get("tag", "")).encode(), expected.encode()):
+            raise AttestationError(f"the ledger answer from {self.address} does not verify: forged, altered, or "
+                                   "replayed from another request")
+        return now
 
-    def record(self, step: int, digest: str) -> None:
-        answer = self._ask({"type": "checkpoint", "run_id": self.run_id, "step": step, "digest": digest,
-                            "tag": _tag(self._key, "checkpoint", self.run_id, step, digest)})
-        if answer["type"] != "recorded":
-            raise AttestationError(f"key server {self.address} answered a checkpoint report with {answer['type']!r}")
+    def record(self, after: Entry | None, entry: Entry) -> None:
+        """Move the run's entry from `after` to `entry`; AttestationError unless the key server now holds `entry`."""
+        after_pair = None if after is None else list(_pair(after))
+        now = self._ask({"type": "checkpoint", "after": after_pair, "step": entry.step, "digest": entry.digest},
+                        "recorded", tagged=(*_pair(after), *_pair(entry)))
+        if now != entry:
+            raise AttestationError(f"the key server's ledger holds step {_pair(now)[0]} for run {self.run_id}, not "
+                                   f"this checkpoint of step {entry.step}: another process records checkpoints of "
+                                   "this run, or the ledger was changed")
 
     def latest(self) -> Entry | None:
-        """The newest checkpoint the key server has for this run (None: none), checked fresh and authentic."""
-        nonce = os.urandom(32)
-        answer = self._ask({"type": "latest", "run_id": self.run_id, "nonce": nonce.hex()})
-        try:
-            entry = Entry(int(answer["step"]), str(answer["digest"]))
-        except (KeyError, TypeError, ValueError):
-            raise AttestationError(f"key server {self.address} sent a malformed ledger answer") from None
-        expected = _tag(self._key, "latest", self.run_id, nonce.hex(), entry.step, entry.digest)
-        if answer["type"] != "latest" or not hmac.compare_digest(str(answer.get("tag", "")), expected):
-            raise AttestationError(f"the ledger answer from {self.address} does not verify: replayed or forged")
-        return entry if entry.step else None
+        """The run's entry in the key server's ledger (None: none), checked fresh and authentic."""
+        return self._ask({"type": "latest"}, "latest")

@@ -78,14 +78,16 @@ def seal(
 
 
 def unseal(
-    sealed: Annotated[Path, typer.Argument(help="A bundle (`tempo seal`) or a sealed model (`tempo train --bundle`).")],
+    sealed: Annotated[Path, typer.Argument(help="A bundle (`tempo seal`), or a sealed model or metrics file "
+                                                "(`tempo train --bundle`).")],
     key: Annotated[Path, typer.Option(help="The data key file it was sealed under.")],
     out: Annotated[Path, typer.Option(help="Folder to write the plaintext into (must not exist yet).")],
 ) -> None:
     """Decrypt and verify a sealed file into a new folder: all of it, or nothing if any byte fails.
 
     A bundle gives data/..., config.json (and initial_weights.pt); a sealed model gives model.pt
-    (a plain state_dict) and manifest.json (the run id and training step it was sealed at)."""
+    (a plain state_dict) and manifest.json (the run id and training step it was sealed at); a bundle
+    run's metrics.sealed gives config.json and steps, epochs and faults as .jsonl and .csv."""
     with reported_errors():
         from ..sealed.stream import purpose_of, read_key_file
 
@@ -104,7 +106,7 @@ def unseal(
 
 
 def _unseal_into(sealed: Path, data_key: bytes, purpose: str, dest: Path) -> str:
-    from ..sealed import bundle, model
+    from ..sealed import bundle, metrics, model
 
     if purpose == bundle.PURPOSE:
         with bundle.OpenBundle(sealed, data_key) as opened:
@@ -118,4 +120,8 @@ def _unseal_into(sealed: Path, data_key: bytes, purpose: str, dest: Path) -> str
         torch.save(state, dest / "model.pt")
         (dest / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         return f"model of run {manifest.get('run_id')} at step {manifest.get('step')}"
+    if purpose == metrics.PURPOSE:
+        opened = metrics.open_metrics(sealed, data_key)
+        metrics.write_plain(opened, dest)
+        return f"settings and metrics of run {opened['run_id']}"
     raise ConfigError(f"{sealed} is a sealed {purpose!r}, which this command does not open")

@@ -125,6 +125,7 @@ def _train_from_bundle(cli: TrainConfig, bundle: Path, keyserver: str | None, at
     from ..attestation.ledger import LedgerClient
     from ..enclave.provision import provisioned
     from ..sealed.checkpoints import SealedCheckpoints
+    from ..sealed.metrics import SealedRunFiles
     from ..sealed.model import seal_state
     from ..training.loop import train as run
     from ..training.metrics import new_run_dir
@@ -150,7 +151,8 @@ def _train_from_bundle(cli: TrainConfig, bundle: Path, keyserver: str | None, at
             raise ConfigError(f"the bundle's settings do not fit this Tempo: {e}") from None
         checkpoints = SealedCheckpoints(new_run_dir(config.out) / "checkpoints", p.data_key, p.run_id,
                                         LedgerClient(keyserver, p.data_key, p.run_id))
-        run(dataclasses.replace(config, out=checkpoints.folder.parent), resume=resume, resume_step=resume_step,
-            checkpoints=checkpoints,
+        out = checkpoints.folder.parent
+        run(dataclasses.replace(config, out=out), resume=resume, resume_step=resume_step, checkpoints=checkpoints,
+            files=SealedRunFiles(out, p.data_key, p.run_id),
             save_model=lambda state, out_dir, step: seal_state(state, out_dir / "model.sealed", p.data_key,
                                                                run_id=p.run_id, step=step))

@@ -45,6 +45,10 @@ class CheckpointStore(ABC):
     def _read(self, path: Path, step: int) -> dict:
         """The state in `path`; raise CheckpointError or SealError if it is not step `step`'s, valid one."""
 
+    def begin(self) -> None:  # noqa: B027  (a hook: only stores that keep a record elsewhere need it)
+        """Called before a fresh (not resumed) run's first step: a store that keeps a record elsewhere checks
+        there that the run is indeed new."""
+
     def path(self, step: int) -> Path:
         return self.folder / f"step-{step:08d}{self.suffix}"
 

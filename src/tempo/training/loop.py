@@ -32,7 +32,7 @@ from ..errors import ConfigError, IntegrityError, ProtocolError, WorkerError
 from .checkpoints import CheckpointStore, PlainCheckpoints
 from .config import Mode, TrainConfig
 from .data import LoadedData, load_data
-from .metrics import EPOCH_FIELDS, FAULT_FIELDS, STEP_FIELDS, MetricsTable, new_run_dir
+from .metrics import EPOCH_FIELDS, FAULT_FIELDS, STEP_FIELDS, MetricsTable, RunFiles, new_run_dir
 from .models import build_model
 
 EVAL_BATCH_SIZE = 500  # no gradients are kept, so large batches only save round trips
@@ -105,14 +105,16 @@ def save_plain(state: dict[str, Tensor], out_dir: Path, step: int) -> Path:
 
 def train(config: TrainConfig, *, log: Callable[[str], None] = print,
           save_model: Callable[[dict[str, Tensor], Path, int], Path] = save_plain,
-          checkpoints: CheckpointStore | None = None, resume: bool = False, resume_step: int | None = None
-          ) -> RunResult:
+          checkpoints: CheckpointStore | None = None, resume: bool = False, resume_step: int | None = None,
+          files: RunFiles | None = None) -> RunResult:
     """Run `config` to the end; write metrics, config and the final model (through `save_model`, which
     gets the state_dict, the run folder and the step count); return the metrics.
 
     With ``config.checkpoint_every`` a checkpoint goes to `checkpoints` (default: plain files in the
     run folder's ``checkpoints/``) every that many steps. `resume` continues the run in ``config.out``
     from its newest checkpoint (or `resume_step`'s), to the same end as a run never stopped.
+    `files` says where settings and metrics go (default: plain files in the run folder); if it is
+    confidential, neither the log nor the progress bar shows them.
     """
     if config.mode is Mode.TEMPO:
         from ..schemes import get_scheme
@@ -134,17 +136,24 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print,
         _load_initial(model, config.init_weights)
     out_dir = new_run_dir(config.out)
     store = checkpoints or PlainCheckpoints(out_dir / "checkpoints")
-    resumed = _resumable(config, out_dir, store, resume_step) if resume else None
-    (out_dir / "config.json").write_text(config.to_json() + "\n")
+    files = files or RunFiles(out_dir)
+    resumed = _resumable(config, files, store, resume_step) if resume else None
+    if not resume:
+        store.begin()
+    files.write_config(config.to_json())
     if config.record is not None:
         config.record.mkdir(parents=True, exist_ok=True)
         (config.record / "config.json").write_text(config.to_json() + "\n")
-    log(describe(config, data))
+    private_log = (lambda _: None) if files.confidential else log  # settings and metrics: the owner's only
+    if files.confidential:
+        log(f"settings and metrics are sealed into {files.where} (`tempo unseal` opens them on the owner's machine); "
+            "the terminal, which the host sees, shows progress only")
+    private_log(describe(config, data))
     start = time.perf_counter()
     with ExitStack() as stack:
-        steps = stack.enter_context(MetricsTable(out_dir, "steps", STEP_FIELDS, resumed["steps"] if resumed else ()))
-        epochs = stack.enter_context(MetricsTable(out_dir, "epochs", EPOCH_FIELDS,
-                                                  resumed["epochs"] if resumed else ()))
+        stack.enter_context(files)  # saved last, also on an error
+        steps = stack.enter_context(files.table("steps", STEP_FIELDS, resumed["steps"] if resumed else ()))
+        epochs = stack.enter_context(files.table("epochs", EPOCH_FIELDS, resumed["epochs"] if resumed else ()))
         net, device, traffic = stack.enter_context(_placement(config, model))
         generator = torch.Generator().manual_seed(config.seed)
         loader = DataLoader(data.train, batch_size=config.batch_size, shuffle=True, drop_last=True,
@@ -164,6 +173,7 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print,
         def checkpoint(step: int, *, now: bool = False, rng: Tensor | None = None) -> Path | None:
             """Every checkpoint_every steps, or `now` (the run is about to stop: no worker left)."""
             if now or (config.checkpoint_every and step % config.checkpoint_every == 0):
+                files.save()
                 return store.save({"step": step, "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                                    "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                                    "torch_rng": torch.get_rng_state() if rng is None else rng,
@@ -171,9 +181,8 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print,
                                    "epochs": epochs.rows, "faults": faults.rows}, step)
             return None
 
-        faults = stack.enter_context(MetricsTable(out_dir, "faults", FAULT_FIELDS,
-                                                  resumed.get("faults", ()) if resumed else ()))
-        trainer = _Trainer(net, device, optimizer, schedule, traffic, faults)
+        faults = stack.enter_context(files.table("faults", FAULT_FIELDS, resumed.get("faults", ()) if resumed else ()))
+        trainer = _Trainer(net, device, optimizer, schedule, traffic, faults, show_metrics=not files.confidential)
         for epoch in range(position.epoch, config.epochs + 1):
             if position.batch == 0:
                 position.loader_rng = generator.get_state()  # this epoch's order, as a resumed run redraws it
@@ -186,15 +195,17 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = print,
             epochs.add({"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc,
                         "test_loss": test_loss, "test_accuracy": test_acc,
                         "epoch_time_s": eval_start - epoch_start, "eval_time_s": time.perf_counter() - eval_start})
-            log(f"epoch {epoch}/{config.epochs}: train loss {train_loss:.4f} acc {train_acc:.2%}, "
-                f"test loss {test_loss:.4f} acc {test_acc:.2%}")
+            files.save()
+            private_log(f"epoch {epoch}/{config.epochs}: train loss {train_loss:.4f} acc {train_acc:.2%}, "
+                        f"test loss {test_loss:.4f} acc {test_acc:.2%}")
             position = _Position(epoch=epoch + 1)
     saved = save_model({k: v.detach().cpu() for k, v in model.state_dict().items()}, out_dir,
                        config.epochs * len(loader))
     result = RunResult(out_dir, steps.rows, epochs.rows, time.perf_counter() - start)
-    log(f"done: test accuracy {result.test_accuracy:.2%} (test loss {epochs.rows[-1]['test_loss']:.4f}) after "
-        f"{config.epochs} epoch(s) in {result.seconds:.1f} s, mode {config.mode.value}; "
-        f"metrics in {out_dir}, model in {saved}")
+    summary = "" if files.confidential else (
+        f" test accuracy {result.test_accuracy:.2%} (test loss {epochs.rows[-1]['test_loss']:.4f}) after "
+        f"{config.epochs} epoch(s) in {result.seconds:.1f} s, mode {config.mode.value};")
+    log(f"done:{summary} metrics in {files.where}, model in {saved}")
     return result
 
 
@@ -203,16 +214,13 @@ _RESUME_FREE = ("out", "progress", "workers", "in_process_workers", "worker_time
                 "data_dir", "init_weights", "listen", "token_file")
 
 
-def _resumable(config: TrainConfig, out_dir: Path, store: CheckpointStore, step: int | None) -> dict:
-    """The checkpoint to resume from, after checking that `out_dir` holds a run of these same settings."""
-    try:
-        before = json.loads((out_dir / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        raise ConfigError(f"{out_dir} holds no run to resume (no readable config.json)") from None
+def _resumable(config: TrainConfig, files: RunFiles, store: CheckpointStore, step: int | None) -> dict:
+    """The checkpoint to resume from, after checking that `files` hold a run of these same settings."""
+    before = files.read_config()
     now = json.loads(config.to_json())
     changed = sorted(k for k in now if k not in _RESUME_FREE and before.get(k) != now[k])
     if changed:
-        raise ConfigError(f"the run in {out_dir} had other settings: {changed} differ; resume with the same ones")
+        raise ConfigError(f"the run in {files.out_dir} had other settings: {changed} differ; resume with the same ones")
     return store.resume(step)
 
 
@@ -252,6 +260,7 @@ class _Trainer:
     schedule: torch.optim.lr_scheduler.LRScheduler
     traffic: Traffic
     faults: MetricsTable  # every worker fault: who, which op, which step, what kind
+    show_metrics: bool = True  # False: the progress bar shows steps and img/s only (the host sees it)
     _logged: int = 0  # faults of this process's engine already in the table
     updating: bool = False  # inside the optimizer step: a failure now leaves no consistent state
 
@@ -314,8 +323,9 @@ class _Trainer:
                 position.loss_sum += batch_loss * len(y)
                 checkpoint(len(steps.rows))
                 bar.update(len(y))
-                bar.set_postfix(loss=f"{position.loss_sum / position.seen:.4f}",
-                                acc=f"{position.correct / position.seen:.2%}", refresh=False)
+                if self.show_metrics:
+                    bar.set_postfix(loss=f"{position.loss_sum / position.seen:.4f}",
+                                    acc=f"{position.correct / position.seen:.2%}", refresh=False)
         return position.loss_sum / position.seen, position.correct / position.seen
 
 
