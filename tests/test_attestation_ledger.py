@@ -17,17 +17,18 @@ from tempo.attestation.ledger import Entry, Ledger, LedgerClient, _tag, ledger_k
 from tempo.attestation.policy import Policy
 from tempo.errors import AttestationError
 from tempo.sealed.checkpoints import SealedCheckpoints
-from tempo.sealed.stream import new_data_key, new_run_id
+from tempo.sealed.stream import new_data_key, new_run_id, write_key_file
 from tempo.training.checkpoints import CheckpointError
 from test_attestation import DATA_KEY, serving
+from test_cli import assert_one_line_error, invoke
 
 D1, D2, D3 = "d1" * 32, "d2" * 32, "d3" * 32
 NO_RELEASE = Policy(frozenset(), frozenset({"00" * 32}))  # these servers only keep the ledger
 
 
 @contextmanager
-def ledger_server(path: Path) -> Iterator[str]:
-    with serving(NO_RELEASE, Ledger(path)) as (address, _, _):
+def ledger_server(path: Path, rewinds: tuple[tuple[str, int], ...] = ()) -> Iterator[str]:
+    with serving(NO_RELEASE, Ledger(path, rewinds=rewinds)) as (address, _, _):
         yield address
 
 
@@ -204,8 +205,15 @@ def test_a_rollback_by_deleting_the_newer_checkpoints_is_refused_on_resume(tmp_p
             _checkpoints(folder, address, run_id).resume()
         with pytest.raises(CheckpointError, match="up to step 6: this bundle was trained before"):
             _checkpoints(tmp_path / "again", address, run_id).begin()  # nor can the run start over from scratch
-        assert _checkpoints(folder, address, run_id).resume(2)["step"] == 2  # named on purpose: the ledger follows
+        with pytest.raises(AttestationError, match=f"back from step 6 to step 2: .* --allow-rewind {run_id}:2"):
+            _checkpoints(folder, address, run_id).resume(2)  # --resume-step is the host's word, not the owner's
+    with ledger_server(tmp_path / "ledger.json", rewinds=((run_id, 2),)) as address:
+        store = _checkpoints(folder, address, run_id)
+        assert store.resume(2)["step"] == 2  # the owner's consent: the ledger follows
         assert Ledger(tmp_path / "ledger.json").latest(run_id).step == 2
+        store.save(_state(4), 4)
+        with pytest.raises(AttestationError, match="would go back from step 4 to step 2"):
+            _checkpoints(folder, address, run_id).resume(2)  # the consent was for one rollback
 
 
 def test_a_checkpoint_swapped_for_another_of_the_same_step_is_refused(tmp_path):
@@ -220,3 +228,10 @@ def test_a_checkpoint_swapped_for_another_of_the_same_step_is_refused(tmp_path):
             _checkpoints(folder, address, run_id).resume()
         store.path(2).write_bytes(recorded)
         assert _checkpoints(folder, address, run_id).resume()["step"] == 2
+
+
+def test_the_keyserver_command_takes_the_owners_consent_to_a_rollback_as_run_and_step(tmp_path):
+    write_key_file(tmp_path / "data.key", DATA_KEY)
+    assert_one_line_error(invoke("keyserver", "--key", str(tmp_path / "data.key"), "--expect", "dev:ab",
+                                 "--dev-trust", "00" * 32, "--allow-rewind", "run-1"), 2,
+                          "--allow-rewind is RUN_ID:STEP", "'run-1'")

@@ -19,6 +19,7 @@ from tempo.attestation.framing import send
 from tempo.attestation.ledger import Ledger
 from tempo.attestation.policy import Policy
 from tempo.attestation.release import KeyServer
+from tempo.sealed.bundle import OpenBundle
 from tempo.sealed.metrics import open_metrics
 from tempo.sealed.model import open_state
 from tempo.sealed.stream import read_key_file
@@ -46,10 +47,14 @@ def sealed(tmp_path_factory) -> tuple[Path, Path, Path]:
 
 @pytest.fixture
 def keyserver(sealed, tmp_path) -> Iterator[tuple[str, list[str]]]:
-    def start(measurement: str) -> str:
+    def start(measurement: str, *, allow_rewind: int | None = None) -> str:
+        """A key server (on the test's one ledger file), consenting to a rollback of the bundle's run to
+        `allow_rewind` if given."""
+        rewinds = [] if allow_rewind is None else [(OpenBundle(sealed[0], read_key_file(sealed[1])).run_id,
+                                                    allow_rewind)]
         public = dev.public_key_hex(dev.load_signing_key(sealed[2]))
         ks = KeyServer(read_key_file(sealed[1]), Policy(frozenset({("dev", measurement)}), frozenset({public})),
-                       ledger=Ledger(tmp_path / "ledger.json"), log=log.append, timeout=10)
+                       ledger=Ledger(tmp_path / "ledger.json", rewinds=rewinds), log=log.append, timeout=10)
         host, port = ks.bind("127.0.0.1", 0)
         thread = threading.Thread(target=ks.serve_forever, args=(stop,), daemon=True)
         thread.start()
@@ -159,7 +164,8 @@ def test_sealed_checkpoints_resume_and_refuse_tampering_or_replay(sealed, keyser
     assert_one_line_error(_train_bundle(sealed, address, run, "--checkpoint-every", "2", "--resume"), 2,
                           "sealed at step 2, not 4", "replayed")
 
-    r = _train_bundle(sealed, address, run, "--checkpoint-every", "2", "--resume", "--resume-step", "2")
+    with_consent = start(dev.measure(), allow_rewind=2)  # the owner allows going back to step 2
+    r = _train_bundle(sealed, with_consent, run, "--checkpoint-every", "2", "--resume", "--resume-step", "2")
     assert r.returncode == 0, r.stderr
     assert "resumed from the checkpoint of step 2" in r.stdout
     key = read_key_file(sealed[1])
@@ -184,8 +190,13 @@ def test_deleting_the_newest_checkpoints_is_caught_by_the_key_servers_ledger(sea
                           "recorded a checkpoint of step 4, but the newest here is step 2", "rollback")
     assert_one_line_error(_train_bundle(sealed, address, tmp_path / "again", "--checkpoint-every", "2"), 2,
                           "up to step 4: this bundle was trained before")  # nor can the run start over unnoticed
-    r = _train_bundle(sealed, address, run, "--checkpoint-every", "2", "--resume", "--resume-step", "2")
-    assert r.returncode == 0, r.stderr  # an explicit choice
+    assert_one_line_error(_train_bundle(sealed, address, run, "--checkpoint-every", "2", "--resume", "--resume-step",
+                                        "2"), 4, "would go back from step 4 to step 2", "owner's consent",
+                          "--allow-rewind")  # the host's operator types --resume-step: not enough
+    with_consent = start(dev.measure(), allow_rewind=2)
+    r = _train_bundle(sealed, with_consent, run, "--checkpoint-every", "2", "--resume", "--resume-step", "2")
+    assert r.returncode == 0, r.stderr
+    assert "resumed from the checkpoint of step 2" in r.stdout
 
 
 def test_a_bundle_run_writes_nothing_in_the_clear_and_the_owner_gets_the_metrics_back(sealed, keyserver, tmp_path):

@@ -31,6 +31,7 @@ import json
 import os
 import socket
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,10 +81,14 @@ def _entry(message: dict, peer: str, *, optional: bool = False) -> Entry | None:
 # ---- the owner's side --------------------------------------------------------------------------------
 
 class Ledger:
-    """Each run's last recorded checkpoint, in a JSON file that is rewritten atomically on every change."""
+    """Each run's last recorded checkpoint, in a JSON file that is rewritten atomically on every change.
 
-    def __init__(self, path: Path):
-        self.path, self._lock = Path(path), threading.Lock()
+    The entry only moves forward, except to a (run id, step) in `rewinds`: the owner's consent, given
+    once per rollback (``tempo keyserver --allow-rewind RUN:STEP``), since the host's operator is who
+    types ``--resume-step``."""
+
+    def __init__(self, path: Path, *, rewinds: Iterable[tuple[str, int]] = ()):
+        self.path, self._lock, self._rewinds = Path(path), threading.Lock(), set(rewinds)
         try:
             raw = json.loads(self.path.read_text()) if self.path.exists() else {}
             self._entries = {run: Entry(int(e["step"]), str(e["digest"])) for run, e in raw.items()}
@@ -95,14 +100,29 @@ class Ledger:
             return self._entries.get(run_id)
 
     def record(self, run_id: str, after: Entry | None, entry: Entry) -> Entry | None:
-        """Replace the run's entry by `entry` if it is still `after`; return the run's entry now."""
+        """Replace the run's entry by `entry` if it is still `after`; return the run's entry now. A step back is
+        an AttestationError unless the owner allowed it."""
         with self._lock:
             if self._entries.get(run_id) == after:
+                if after is not None and entry.step <= after.step:
+                    if (run_id, entry.step) not in self._rewinds:
+                        raise AttestationError(f"run {run_id} would go back from step {after.step} to step "
+                                               f"{entry.step}: a rollback needs the owner's consent (`tempo keyserver "
+                                               f"--allow-rewind {run_id}:{entry.step}`)")
+                    self._rewinds.discard((run_id, entry.step))
                 self._entries[run_id] = entry
                 partial = self.path.with_name(self.path.name + ".partial")
                 partial.write_text(json.dumps({r: vars(e) for r, e in self._entries.items()}, indent=1))
                 partial.replace(self.path)
             return self._entries.get(run_id)
+
+
+def parse_rewind(text: str) -> tuple[str, int]:
+    """``RUN_ID:STEP`` (``tempo keyserver --allow-rewind``) -> (run id, step)."""
+    run_id, sep, step = text.rpartition(":")
+    if not sep or not run_id or not step.isdigit() or int(step) < 1:
+        raise ConfigError(f"--allow-rewind is RUN_ID:STEP (the run id and the step to go back to), got {text!r}")
+    return run_id, int(step)
 
 
 def serve(conn: socket.socket, peer: str, first: dict, key: bytes, ledger: Ledger) -> str:

@@ -39,6 +39,9 @@ def keyserver(
     ledger: Annotated[Path | None, typer.Option(
         help="File where the newest checkpoint of each run is kept, so that a resumed run cannot be rolled back "
              "by deleting checkpoints (default: KEY.ledger.json).")] = None,
+    allow_rewind: Annotated[list[str] | None, typer.Option(
+        help="RUN_ID:STEP: let that run's ledger go back to STEP once (`tempo train --resume-step`), which it "
+             "otherwise refuses: rolling a run back is the owner's call, not the host's (repeatable).")] = None,
     trust_root: Annotated[list[Path] | None, typer.Option(
         help="PEM file of a vendor root for hardware evidence (repeatable): Intel's SGX Provisioning "
              "Certification root (sgx, tdx), AMD's ARK (sev-snp).")] = None,
@@ -46,7 +49,7 @@ def keyserver(
     """Release the data key to enclaves whose attestation evidence shows an expected measurement."""
     with reported_errors():
         from ..attestation import dev
-        from ..attestation.ledger import Ledger
+        from ..attestation.ledger import Ledger, parse_rewind
         from ..attestation.policy import Policy, load_roots, parse_expected
         from ..attestation.release import KeyServer, parse_address
         from ..errors import ConfigError
@@ -66,7 +69,8 @@ def keyserver(
         if dev_trust:
             typer.echo(f"warning: {dev.WARNING}", err=True)
         server = KeyServer(read_key_file(key), policy,
-                           ledger=Ledger(ledger or key.with_name(key.name + ".ledger.json")),
+                           ledger=Ledger(ledger or key.with_name(key.name + ".ledger.json"),
+                                         rewinds=[parse_rewind(r) for r in allow_rewind or []]),
                            log=lambda line: typer.echo(line, err=True))
         host, port = parse_address(listen)
         try:
