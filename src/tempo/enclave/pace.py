@@ -33,11 +33,18 @@ class Pace:
     window: int = WINDOW
     _times: dict[tuple[Hashable, int], deque[float]] = field(default_factory=dict)
     _judged: dict[int, deque[bool]] = field(default_factory=dict)
+    _lagging: set[int] = field(default_factory=set)  # workers whose last measured reply took over floor_s
+
+    def lagging(self, worker: int) -> bool:
+        """Whether `worker`'s last measured reply took longer than the floor. Its replies are then collected
+        after its peers': one collected first would leave theirs already waiting, their times unmeasured."""
+        return worker in self._lagging
 
     def judge(self, worker: int, kind: Hashable, seconds: float, peers: Iterable[int]) -> str | None:
         """Record that `worker` took `seconds` over a job of `kind`; say why it is too slow, or None.
         `peers`: the other live workers, whose recent replies of that kind are the reference."""
         reference = [t for peer in peers for t in self._times.get((kind, peer), ())]
+        (self._lagging.add if seconds > self.floor_s else self._lagging.discard)(worker)
         self._times.setdefault((kind, worker), deque(maxlen=self.window)).append(seconds)
         if not reference:
             return None

@@ -76,8 +76,10 @@ def run_round(stages: Sequence[Stage[T]]) -> list[T]:
 
     Every job is sent before any reply is awaited, so the workers compute side by side and the
     enclave blinds and sends shard k+1 while shard k computes. Then each reply is collected, in
-    order; only after all of them are in is any checked, so a stage redone on another worker (its
-    own worker died, stalled, lied or sent garbage) can never read a reply meant for another stage.
+    order, except that workers whose last reply was slow come last (so that the others' reply times
+    are measured: :class:`~tempo.enclave.pools.LinkPool`); only after all of them are in is any
+    checked, so a stage redone on another worker (its own worker died, stalled, lied or sent
+    garbage) can never read a reply meant for another stage.
     A stage whose worker already has a job in the round (shards that met on one worker after a
     fault) runs alone at the end.
     """
@@ -94,12 +96,16 @@ def run_round(stages: Sequence[Stage[T]]) -> list[T]:
             jobs.append((job, expect))
         except WORKER_FAULTS as e:
             jobs.append(e)
-    replies: list[Reply | Exception | None] = []
-    for stage, sent in zip(stages, jobs, strict=True):
-        try:
-            replies.append(stage.op._receive(stage.label, sent[1]) if isinstance(sent, tuple) else sent)
-        except WORKER_FAULTS as e:
-            replies.append(e)
+    replies: list[Reply | Exception | None] = [None if isinstance(sent, tuple) else sent for sent in jobs]
+    for i in sorted(range(len(stages)), key=lambda i: stages[i].op.lagging()):
+        if isinstance(sent := jobs[i], tuple):
+            try:
+                replies[i] = stages[i].op._receive(stages[i].label, sent[1])
+            except WORKER_FAULTS as e:
+                replies[i] = e
+    for stage, reply in zip(stages, replies, strict=True):  # every worker that failed in the round is retired
+        if isinstance(reply, Exception):  # before any work is redone, so that none is redone on one of them
+            stage.op._retire_or_raise(reply)
     results = []
     for stage, sent, reply in zip(stages, jobs, replies, strict=True):
         if isinstance(sent, tuple) and not isinstance(reply, Exception):
@@ -302,6 +308,10 @@ class OffloadedOp:
             reply = pool.collect(self.worker, payload_bytes=expected_bytes(expect))
         self._keep_pace(label, pool.reply_seconds(self.worker))
         return reply
+
+    def lagging(self) -> bool:
+        """Whether this op's worker was slow on its last measured reply (its reply is then collected last)."""
+        return self.engine.pool.pace.lagging(self.worker)
 
     def _keep_pace(self, label: str, seconds: float | None) -> None:
         """Retire this op's worker as 'slow' when its replies are far slower than its peers' for the same
