@@ -43,6 +43,7 @@ from .framing import field, receive, send
 
 TYPES = ("checkpoint", "latest")  # the first message of a ledger connection
 NONCE_BYTES = 32
+MAX_RUN_ID = 64  # a bundle's run id is 32 hex digits
 _NONE = (0, "")  # how "no entry" travels and is authenticated
 
 
@@ -65,17 +66,22 @@ def _pair(entry: Entry | None) -> tuple[int, str]:
     return _NONE if entry is None else (entry.step, entry.digest)
 
 
-def _entry(message: dict, peer: str, *, optional: bool = False) -> Entry | None:
-    """The (step, digest) a message carries, strictly typed; AttestationError if it has none."""
-    step, digest = message.get("step"), message.get("digest")
-    if type(step) is not int or not isinstance(digest, str) or step < 0:
-        raise AttestationError(f"{peer} sent a {message['type']!r} message without an integer step and a digest")
+def _entry(step: object, digest: object, what: str, *, optional: bool = False) -> Entry | None:
+    """The entry (step, digest) that `what` carries, strictly typed; AttestationError if it carries none."""
+    if type(step) is not int or not isinstance(digest, str):
+        raise AttestationError(f"{what} has no integer step and string digest")
     if (step, digest) == _NONE and optional:
         return None
     if step < 1 or len(digest) != 64:
-        raise AttestationError(f"{peer} sent a {message['type']!r} message with step {step} and a digest of "
-                               f"{len(digest)} characters (expected a step >= 1 and a hex SHA-256)")
+        raise AttestationError(f"{what} has step {step} and a digest of {len(digest)} characters (expected a step "
+                               ">= 1 and a hex SHA-256)")
     return Entry(step, digest)
+
+
+def _send_entry(conn: socket.socket, kind: str, key: bytes, run_id: str, nonce: str, entry: Entry | None) -> None:
+    """The server's answer: the run's entry, tagged for the request's nonce."""
+    step, digest = _pair(entry)
+    send(conn, {"type": kind, "step": step, "digest": digest, "tag": _tag(key, kind, run_id, nonce, step, digest)})
 
 
 # ---- the owner's side --------------------------------------------------------------------------------
@@ -128,27 +134,25 @@ def parse_rewind(text: str) -> tuple[str, int]:
 def serve(conn: socket.socket, peer: str, first: dict, key: bytes, ledger: Ledger) -> str:
     """Answer one ledger request (`first` is its message); returns the line to log."""
     run_id = first.get("run_id")
-    if not isinstance(run_id, str) or not run_id:
-        raise AttestationError("a ledger request needs a run id")
+    if not isinstance(run_id, str) or not 0 < len(run_id) <= MAX_RUN_ID:
+        raise AttestationError(f"a ledger request needs a run id of 1 to {MAX_RUN_ID} characters")
     nonce = field(first, "nonce", peer, NONCE_BYTES).hex()
-    if first["type"] == "checkpoint":
-        entry = _entry(first, peer)
-        after = first.get("after")
-        if not (after is None or (isinstance(after, list) and len(after) == 2)):
-            raise AttestationError("a checkpoint report's 'after' is the [step, digest] it replaces, or null")
-        after = None if after is None else _entry({"type": "after", "step": after[0], "digest": after[1]}, peer)
-        expected = _tag(key, "checkpoint", run_id, nonce, *_pair(after), *_pair(entry))
-        if not hmac.compare_digest(str(first.get("tag", "")).encode(), expected.encode()):
-            raise AttestationError("the checkpoint report's tag does not verify: not from the enclave of this data key")
-        now = ledger.record(run_id, after, entry)
-        send(conn, {"type": "recorded", "step": _pair(now)[0], "digest": _pair(now)[1],
-                    "tag": _tag(key, "recorded", run_id, nonce, *_pair(now))})
-        outcome = "recorded" if now == entry else f"did not record (the ledger holds step {_pair(now)[0]})"
-        return f"{outcome} checkpoint step {entry.step} of run {run_id}"
-    now = ledger.latest(run_id)
-    send(conn, {"type": "latest", "step": _pair(now)[0], "digest": _pair(now)[1],
-                "tag": _tag(key, "latest", run_id, nonce, *_pair(now))})
-    return f"told {peer} run {run_id}'s newest checkpoint: step {_pair(now)[0]}"
+    if first["type"] == "latest":
+        now = ledger.latest(run_id)
+        _send_entry(conn, "latest", key, run_id, nonce, now)
+        return f"told {peer} run {run_id!r}'s newest checkpoint: step {_pair(now)[0]}"  # repr: escapes shown
+    entry = _entry(first.get("step"), first.get("digest"), "the checkpoint report")
+    after = first.get("after")
+    if not (after is None or (isinstance(after, list) and len(after) == 2)):
+        raise AttestationError("a checkpoint report's 'after' is the [step, digest] it replaces, or null")
+    after = None if after is None else _entry(*after, "the entry a checkpoint report replaces")
+    expected = _tag(key, "checkpoint", run_id, nonce, *_pair(after), *_pair(entry))
+    if not hmac.compare_digest(str(first.get("tag", "")).encode(), expected.encode()):
+        raise AttestationError("the checkpoint report's tag does not verify: not from the enclave of this data key")
+    now = ledger.record(run_id, after, entry)
+    _send_entry(conn, "recorded", key, run_id, nonce, now)
+    outcome = "recorded" if now == entry else f"did not record (the ledger holds step {_pair(now)[0]})"
+    return f"{outcome} checkpoint step {entry.step} of run {run_id}"
 
 
 # ---- the enclave's side ------------------------------------------------------------------------------
@@ -181,7 +185,7 @@ class LedgerClient:
             raise AttestationError(f"{peer} refused: {answer.get('reason')}")
         if answer["type"] != answer_type:
             raise AttestationError(f"{peer} answered a {message['type']!r} request with {answer['type']!r}")
-        now = _entry(answer, peer, optional=True)
+        now = _entry(answer.get("step"), answer.get("digest"), f"the {answer_type!r} answer of {peer}", optional=True)
         expected = _tag(self._key, answer_type, self.run_id, nonce, *_pair(now))
         if not hmac.compare_digest(str(answer.get("tag", "")).encode(), expected.encode()):
             raise AttestationError(f"the ledger answer from {self.address} does not verify: forged, altered, or "
