@@ -147,3 +147,28 @@ def test_predict_errors_name_the_problem(tmp_path: Path) -> None:
     (tmp_path / "model.pt").write_bytes(b"garbage")
     assert_one_line_error(_predict(tmp_path, str(tmp_path / "x.npy"), *small), 2, "cannot load --model-file")
     assert not (tmp_path / "preds.csv").exists()
+
+
+def test_recorded_inference_traffic_is_attacked_by_the_leakage_suite(tmp_path: Path) -> None:
+    """`tempo predict --record` writes what the workers saw and the ground truth; `tempo attack` reads it."""
+    import json
+
+    from tempo.training.config import TrainConfig
+    from tempo.training.loop import train
+
+    config = TrainConfig(model="small_cnn", dataset="synthetic", synthetic_shape=(1, 16, 16), synthetic_classes=4,
+                         train_subset=64, batch_size=32, epochs=1, mode="plain", out=tmp_path / "run",
+                         progress=False)
+    train(config, log=lambda _: None)
+    predict = ["predict", "--model-file", str(tmp_path / "run" / "model.pt"), "--data", "synthetic",
+               "--out", str(tmp_path / "preds.csv"), "--batch-size", "500", "--record", str(tmp_path / "rec"), *HOST]
+    assert_one_line_error(invoke(*predict), 2, "--record needs --offload-anchors")
+    r = invoke(*predict, "--offload-anchors")
+    assert r.returncode == 0, r.stderr
+    assert len(list((tmp_path / "rec" / "truth").glob("step-*.pt"))) == 4  # 2,000 test images in batches of 500
+    r = invoke("attack", str(tmp_path / "rec"), "--only", "inputs", "--only", "gram", "--test-size", "100",
+               "--aux-size", "10", "--out", str(tmp_path / "leak"))
+    assert r.returncode == 0, r.stderr
+    findings = json.loads((tmp_path / "leak" / "report.json").read_text())[0]["findings"]
+    assert findings["inputs"]["details"]["images"] == 2000  # every query, scored against its true input
+    assert 0 <= findings["gram"]["value"] <= 1

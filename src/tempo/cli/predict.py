@@ -110,6 +110,10 @@ def predict(
     keyserver: opts.Keyserver = None,
     attestation: opts.Attestation = None,
     dev_key: opts.DevKey = None,
+    record: Annotated[Path | None, typer.Option(
+        help="Leakage suite: record the inference traffic (each batch a step: every job the workers received and "
+             "their replies, in RECORD/view) and the ground truth (plaintext inputs, weights, keys, in RECORD/truth). "
+             "Evaluate with `tempo attack RECORD`. Needs --offload-anchors.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Predict with a trained model, every product blinded, offloaded to the workers and verified."""
@@ -132,7 +136,9 @@ def predict(
         protection = Protection(scheme, checks, offload_anchors, unfold_convs)
         typer.echo(f"predicting {len(inputs)} input(s) from {inputs.source} with {spec.describe()}: "
                    f"{pool.describe()} worker(s), scheme {scheme}, checks {checks}", err=True)
-        correct = _run(classifier, inputs, spec, pool, protection, out, batch_size, progress)
+        if record is not None:
+            _start_recording(record, args, spec, data, protection, batch_size)
+        correct = _run(classifier, inputs, spec, pool, protection, out, batch_size, progress, record)
         if correct is not None:
             typer.echo(f"accuracy {correct / len(inputs):.2%} ({correct} of {len(inputs)} labelled inputs)")
         typer.echo(f"predictions in {out}")
@@ -167,11 +173,30 @@ def _inputs(args: ModelArgs, data: str, data_dir: Path | None):
     return args.spec(inputs.shape()), inputs
 
 
-def _run(classifier, inputs, spec, pool, protection, out: Path, batch_size: int, progress: bool) -> int | None:
+def _start_recording(record: Path, args: ModelArgs, spec, data: str, protection, batch_size: int) -> None:
+    """RECORD/config.json: the settings `tempo attack` reads (the architecture, the scheme, and the dataset whose
+    test split gives the attacker its public images)."""
+    if not protection.offload_anchors:
+        raise ConfigError("--record needs --offload-anchors: the suite attacks a recording of every product, and "
+                          "`tempo attack --view anchors-inside` takes the anchors out again")
+    run = args.run()
+    if data not in BUILT_IN and run is None:
+        raise ConfigError("--record needs a dataset for the attacker's public images: predict on a built-in dataset, "
+                          "or with a model file whose run config.json names one")
+    config = dataclasses.replace(run or TrainConfig(), model=spec.arch, scheme=protection.scheme,
+                                 checks=protection.checks, offload_anchors=True, unfold_convs=protection.unfold_convs,
+                                 key_lifetime=1, batch_size=batch_size, record=record,
+                                 dataset=DatasetName(data) if data in BUILT_IN else run.dataset)
+    record.mkdir(parents=True, exist_ok=True)
+    (record / "config.json").write_text(config.to_json() + "\n")
+
+
+def _run(classifier, inputs, spec, pool, protection, out: Path, batch_size: int, progress: bool,
+         record: Path | None) -> int | None:
     """Predict every batch into OUT (written whole or not at all); the correct predictions when labels are known."""
     partial = out.with_name(out.name + ".partial")
     try:
-        correct = _predict_into(partial, classifier, inputs, spec, pool, protection, batch_size, progress)
+        correct = _predict_into(partial, classifier, inputs, spec, pool, protection, batch_size, progress, record)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
@@ -179,18 +204,19 @@ def _run(classifier, inputs, spec, pool, protection, out: Path, batch_size: int,
     return None if inputs.labels is None else correct
 
 
-def _predict_into(partial: Path, classifier, inputs, spec, pool, protection, batch_size: int, progress: bool) -> int:
+def _predict_into(partial: Path, classifier, inputs, spec, pool, protection, batch_size: int, progress: bool,
+                  record: Path | None) -> int:
     from tqdm import tqdm
 
     from ..inference.predictor import open_predictor
 
     correct = 0
-    with open_predictor(classifier, pool, protection) as predictor, partial.open("w", newline="") as f, \
+    with open_predictor(classifier, pool, protection, record=record) as predictor, partial.open("w", newline="") as f, \
             tqdm(total=len(inputs), desc="predicting", unit="img", disable=not progress, dynamic_ncols=True) as bar:
         rows = csv.writer(f)
         rows.writerow(["id", "prediction", *(f"p{k}" for k in range(spec.num_classes))])
         for ids, x, labels in inputs.batches(spec, batch_size):
-            probabilities = predictor.probabilities(x)
+            probabilities = predictor.probabilities(x, labels)
             predictions = probabilities.argmax(1)
             for i, (p, row) in enumerate(zip(predictions.tolist(), probabilities.tolist(), strict=True)):
                 rows.writerow([ids[i], p, *(f"{q:.6g}" for q in row)])

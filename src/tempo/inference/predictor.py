@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -36,15 +37,26 @@ class Predictor:
 
     def __init__(self, model: nn.Module, pool: WorkerPool, protection: Protection = Protection()):
         import tempo
+        from tempo.testing.inference_recording import InferenceRecorder, key_tapped
 
         self.pool = pool
-        self.model = tempo.protect(model, pool, scheme=protection.scheme, checks=protection.checks,
+        self.recorder = pool if isinstance(pool, InferenceRecorder) else None
+        scheme, truth = protection.scheme, None
+        if self.recorder is not None:  # the leakage suite's ground truth: every job's key; one job per op
+            scheme = self.recorder.scheme = key_tapped(scheme, self.recorder.keys)
+            truth = self.recorder.truth
+        self.model = tempo.protect(model, pool, scheme=scheme, checks=protection.checks,
                                    offload_anchors=protection.offload_anchors,
-                                   unfold_convs=protection.unfold_convs).eval()
+                                   unfold_convs=protection.unfold_convs, truth=truth).eval()
+        if self.recorder is not None:
+            self.recorder.scope = self.model.engine.scope
 
     @torch.no_grad()
-    def probabilities(self, x: Tensor) -> Tensor:
+    def probabilities(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
+        """Class probabilities of a batch; `labels` only go to a recording's ground truth."""
         self.model.eval()
+        if self.recorder is not None:
+            self.recorder.begin_batch(self.model.module, x, labels)
         return torch.softmax(self.model(x).float(), dim=1)
 
     @property
@@ -58,8 +70,14 @@ class Predictor:
 
 
 @contextmanager
-def open_predictor(model: nn.Module, workers: WorkerOptions, protection: Protection = Protection()
-                   ) -> Iterator[Predictor]:
-    """Start the workers, protect `model`, and stop the workers when done."""
-    with open_workers(workers) as pool:
+def open_predictor(model: nn.Module, workers: WorkerOptions, protection: Protection = Protection(), *,
+                   record: Path | None = None) -> Iterator[Predictor]:
+    """Start the workers, protect `model`, and stop the workers when done. `record`: the leakage suite's
+    recording of the inference traffic goes there (evaluation only: the truth holds the plaintext)."""
+    pool = open_workers(workers)
+    if record is not None:
+        from tempo.testing.inference_recording import InferenceRecorder
+
+        pool = InferenceRecorder(pool, record)
+    with pool:
         yield Predictor(model, pool, protection)
