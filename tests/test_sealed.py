@@ -183,3 +183,25 @@ def test_flipping_any_byte_of_a_sealed_model_or_checkpoint_is_detected(tmp_path,
         path.write_bytes(data)
         with pytest.raises(SealError):
             open_state(path, key, purpose)
+
+
+def test_sealed_run_files_keep_settings_and_metrics_for_their_run_only(tmp_path):
+    from tempo.sealed.metrics import SealedRunFiles, open_metrics, write_plain
+    from tempo.sealed.model import open_state
+
+    key, run_id = new_data_key(), "ab" * 16
+    with SealedRunFiles(tmp_path, key, run_id) as files:
+        files.write_config(json.dumps({"model": "secret_cnn", "lr": 0.0123}))
+        files.table("steps", ("step", "loss"), [{"step": 1, "loss": 2.71828}]).add({"step": 2, "loss": 1.41421})
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.sealed"]  # saved on leaving, and nothing else
+    sealed = (tmp_path / "metrics.sealed").read_bytes()
+    assert not [s for s in (b"secret_cnn", b"0.0123", b"2.71828", b"1.41421", b"loss") if s in sealed]
+    assert files.read_config() == {"model": "secret_cnn", "lr": 0.0123}
+    with pytest.raises(SealError, match=f"belongs to run {run_id}, not this run"):
+        SealedRunFiles(tmp_path, key, "cd" * 16).read_config()
+    with pytest.raises(SealError, match="is a sealed metrics, not a model"):
+        open_state(tmp_path / "metrics.sealed", key)
+    (tmp_path / "owner").mkdir()
+    write_plain(open_metrics(tmp_path / "metrics.sealed", key), tmp_path / "owner")
+    assert (tmp_path / "owner" / "steps.csv").read_text() == "step,loss\n1,2.71828\n2,1.41421\n"
+    assert json.loads((tmp_path / "owner" / "config.json").read_text())["model"] == "secret_cnn"
