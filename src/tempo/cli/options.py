@@ -42,18 +42,18 @@ DevKey = Annotated[Path | None, typer.Option(help="Signing key of the dev backen
 
 # The model to run (predict, serve).
 Model = Annotated[str | None, typer.Option(
-    help="Architecture, as `tempo train --model` names it (resnet18, small_cnn, timm:<name>) [default: the "
-         "run's, from config.json next to --model-file].")]
+    help="Architecture, as `tempo train --model` names it (resnet18, small_cnn, timm:<name>). Default: the "
+         "run's, from config.json next to --model-file.")]
 ModelFile = Annotated[Path | None, typer.Option(
     help="The weights: a state_dict file (a run's model.pt). The run's config.json beside it, if any, gives "
          "the architecture, classes, input shape and normalisation.")]
 SealedModel = Annotated[Path | None, typer.Option(
     help="A sealed model (`tempo train --bundle` writes OUT/model.sealed), opened with the key --keyserver "
          "releases after attestation.")]
-NumClasses = Annotated[int | None, typer.Option(min=2, help="Classes the model outputs [default: the run's, or 10].")]
+NumClasses = Annotated[int | None, typer.Option(min=2, help="Classes the model outputs. Default: the run's, or 10.")]
 InputShape = Annotated[str | None, typer.Option(
-    help="C,H,W of the model's inputs (H == W) [default: the run's; predict: the data's].")]
+    help="C,H,W of the model's inputs (H == W). Default: the run's; predict: the data's.")]
 Mean = Annotated[str | None, typer.Option(
-    help="Per-channel means of [0, 1] pixels to normalise inputs by, comma-separated (with --std) "
-         "[default: the run's training data's, when it trained normalised; otherwise none].")]
+    help="Per-channel means of [0, 1] pixels to normalise inputs by, comma-separated (with --std). "
+         "Default: the run's training data's, when it trained normalised; otherwise none.")]
 Std = Annotated[str | None, typer.Option(help="Per-channel standard deviations, comma-separated (with --mean).")]
