@@ -6,7 +6,7 @@ import csv
 import dataclasses
 import warnings
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -15,6 +15,14 @@ from ..training.config import DatasetName, TrainConfig
 from . import options as opts
 from .errors import reported_errors
 from .runtime import passive_openmp, show_warning
+
+if TYPE_CHECKING:  # the command line loads torch only inside a command
+    from torch import nn
+
+    from ..enclave.hosting import WorkerOptions
+    from ..inference.inputs import Inputs
+    from ..inference.model import ModelSpec
+    from ..inference.predictor import Protection
 
 _DEFAULTS = TrainConfig()
 BUILT_IN = [d.value for d in DatasetName]
@@ -55,7 +63,7 @@ class ModelArgs:
 
         return run_config(self.model_file) if self.bundle is None else None
 
-    def spec(self, data_shape: tuple[int, ...] | None = None):
+    def spec(self, data_shape: tuple[int, ...] | None = None) -> ModelSpec:
         from ..inference.model import resolve_spec
 
         return resolve_spec(self.arch, self.run(), num_classes=self.num_classes,
@@ -144,7 +152,7 @@ def predict(
         typer.echo(f"predictions in {out}")
 
 
-def _inputs(args: ModelArgs, data: str, data_dir: Path | None):
+def _inputs(args: ModelArgs, data: str, data_dir: Path | None) -> tuple[ModelSpec, Inputs]:
     """(the model's spec, the inputs): a built-in test split is prepared exactly as training prepared it."""
     from ..inference.inputs import Inputs, read_inputs
     from ..inference.model import training_spec
@@ -173,7 +181,8 @@ def _inputs(args: ModelArgs, data: str, data_dir: Path | None):
     return args.spec(inputs.shape()), inputs
 
 
-def _start_recording(record: Path, args: ModelArgs, spec, data: str, protection, batch_size: int) -> None:
+def _start_recording(record: Path, args: ModelArgs, spec: ModelSpec, data: str, protection: Protection,
+                     batch_size: int) -> None:
     """RECORD/config.json: the settings `tempo attack` reads (the architecture, the scheme, and the dataset whose
     test split gives the attacker its public images)."""
     if not protection.offload_anchors:
@@ -191,8 +200,8 @@ def _start_recording(record: Path, args: ModelArgs, spec, data: str, protection,
     (record / "config.json").write_text(config.to_json() + "\n")
 
 
-def _run(classifier, inputs, spec, pool, protection, out: Path, batch_size: int, progress: bool,
-         record: Path | None) -> int | None:
+def _run(classifier: nn.Module, inputs: Inputs, spec: ModelSpec, pool: WorkerOptions, protection: Protection,
+         out: Path, batch_size: int, progress: bool, record: Path | None) -> int | None:
     """Predict every batch into OUT (written whole or not at all); the correct predictions when labels are known."""
     partial = out.with_name(out.name + ".partial")
     try:
@@ -204,8 +213,8 @@ def _run(classifier, inputs, spec, pool, protection, out: Path, batch_size: int,
     return None if inputs.labels is None else correct
 
 
-def _predict_into(partial: Path, classifier, inputs, spec, pool, protection, batch_size: int, progress: bool,
-                  record: Path | None) -> int:
+def _predict_into(partial: Path, classifier: nn.Module, inputs: Inputs, spec: ModelSpec, pool: WorkerOptions,
+                  protection: Protection, batch_size: int, progress: bool, record: Path | None) -> int:
     from tqdm import tqdm
 
     from ..inference.predictor import open_predictor

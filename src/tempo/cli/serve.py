@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 import socket
 import warnings
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -15,6 +15,11 @@ from . import options as opts
 from .errors import reported_errors
 from .predict import ModelArgs
 from .runtime import passive_openmp, show_warning
+
+if TYPE_CHECKING:  # the command line loads torch only inside a command
+    from ..enclave.hosting import WorkerOptions
+    from ..inference.model import ModelSpec
+    from ..inference.predictor import Protection
 
 _DEFAULTS = TrainConfig()
 
@@ -89,8 +94,8 @@ def _stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, stop)
 
 
-def _serve(state: dict, source: str, spec, pool, protection, host: str, port: int, max_batch: int,
-           max_wait: float, max_body: int) -> None:
+def _serve(state: dict, source: str, spec: ModelSpec, pool: WorkerOptions, protection: Protection, host: str,
+           port: int, max_batch: int, max_wait: float, max_body: int) -> None:
     import functools
 
     import uvicorn

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +42,7 @@ class Inputs:
         first = self.pixels[0]
         return tuple((decode_image(first.read_bytes(), None, str(first)) if isinstance(first, Path) else first).shape)
 
-    def batches(self, spec: ModelSpec, batch_size: int):
+    def batches(self, spec: ModelSpec, batch_size: int) -> Iterator[tuple[list[str], Tensor, Tensor | None]]:
         """(ids, model inputs, labels or None) for each batch of `batch_size`, prepared for `spec`."""
         for start in range(0, len(self), batch_size):
             stop = min(start + batch_size, len(self))
