@@ -172,3 +172,37 @@ def test_recorded_inference_traffic_is_attacked_by_the_leakage_suite(tmp_path: P
     findings = json.loads((tmp_path / "leak" / "report.json").read_text())[0]["findings"]
     assert findings["inputs"]["details"]["images"] == 2000  # every query, scored against its true input
     assert 0 <= findings["gram"]["value"] <= 1
+
+
+def test_predict_with_remote_workers_that_join_with_the_token(tmp_path: Path) -> None:
+    """`--listen` / `--token-file` as in training: predict waits for the worker, which runs every product."""
+    import socket
+    import subprocess
+    import sys
+
+    state = _weights("small_cnn", tmp_path / "model.pt")
+    pixels = np.random.default_rng(2).random((3, 3, 16, 16), dtype=np.float32)
+    np.save(tmp_path / "x.npy", pixels)
+    token = tmp_path / "token"
+    token.write_bytes(b"t" * 40)
+    token.chmod(0o600)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    worker = subprocess.Popen([sys.executable, "-m", "tempo.cli", "worker", "--connect", address, "--token-file",
+                               str(token), "--name", "remote-gpu"], stderr=subprocess.PIPE, text=True)
+    try:
+        r = invoke("predict", "--model", "small_cnn", "--model-file", str(tmp_path / "model.pt"), "--num-classes",
+                   "4", "--data", str(tmp_path / "x.npy"), "--out", str(tmp_path / "preds.csv"), "--listen", address,
+                   "--token-file", str(token), "--workers", "1", "--no-progress")
+        assert r.returncode == 0, r.stderr
+        assert "1 remote (joining on" in r.stderr
+        assert worker.wait(timeout=60) == 0  # told to stop when predict ended
+    finally:
+        worker.kill()
+        worker.communicate()
+    got = torch.tensor([[float(row[f"p{k}"]) for k in range(4)] for row in _rows(tmp_path / "preds.csv")])
+    with torch.no_grad():
+        expected = torch.softmax(build_classifier(ModelSpec("small_cnn", 4, 3, 16), state, "t")(
+            torch.from_numpy(pixels)), dim=1)
+    assert torch.allclose(got, expected, atol=1e-5)
