@@ -134,6 +134,7 @@ def test_an_image_body_is_answered_like_its_pixels(server, weights) -> None:
 
 @pytest.mark.parametrize(("body", "content_type", "status", "reason"), [
     (b'{"inputs": [[[', "application/json", 400, "not valid JSON"),
+    (b"[" * 100_000, "application/json", 400, "too deeply"),
     (b'{"pixels": []}', "application/json", 422, '{"inputs": [...]}'),
     (b'{"inputs": [[1, 2], [3]]}', "application/json", 422, "one shape"),
     (b'{"inputs": [[[[0.5]]]]}', "application/json", 422, "the model takes [batch, 3, 16, 16]"),

@@ -128,6 +128,8 @@ async def _inputs(request: Request, spec: ModelSpec, max_inputs: int, max_body_b
             document = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise Refused(400, f"the body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise Refused(400, "the body nests JSON too deeply") from None
         if not isinstance(document, dict) or "inputs" not in document:
             raise Refused(422, 'expected a JSON object {"inputs": [...]} (a nested list [batch, C, H, W])')
         try:
