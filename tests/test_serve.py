@@ -234,9 +234,8 @@ def test_a_sealed_model_needs_its_key_released(sealed_model, tmp_path) -> None:
     assert r.returncode == 2 and "--model-file FILE (a state_dict) or --bundle FILE" in r.stderr
 
 
-def test_a_lying_worker_is_retired_and_the_request_still_answered(weights) -> None:
-    """In process (a lying worker cannot be started from the command line): the app over a pool whose second
-    worker scales every result it returns."""
+def _in_process_app(weights, cores: list):
+    """The app over in-process workers `cores` (lying workers cannot be started from the command line)."""
     from contextlib import contextmanager
 
     from starlette.testclient import TestClient
@@ -245,20 +244,36 @@ def test_a_lying_worker_is_retired_and_the_request_still_answered(weights) -> No
     from tempo.inference.batching import Batcher
     from tempo.inference.predictor import Predictor, Protection
     from tempo.inference.server import create_app
-    from tempo.testing.faults import Lie, LyingWorkerCore
-    from tempo.worker.core import WorkerCore
 
     @contextmanager
     def predictor():
-        pool = InProcessPool(2, cores=[WorkerCore(), LyingWorkerCore(Lie.SCALE)])
+        pool = InProcessPool(len(cores), cores=cores)
         yield Predictor(build_classifier(SPEC, weights[1], "test"), pool, Protection(offload_anchors=True))
 
     batcher = Batcher(predictor, max_batch=4, max_wait=0)
     batcher.start()
+    return TestClient(create_app(batcher, SPEC, max_body_bytes=1 << 20))
+
+
+def test_a_lying_worker_is_retired_and_the_request_still_answered(weights) -> None:
+    """The second worker scales every result it returns."""
+    from tempo.testing.faults import Lie, LyingWorkerCore
+    from tempo.worker.core import WorkerCore
+
     pixels = torch.rand(4, 3, 16, 16)
-    with pytest.warns(UserWarning, match="lied"), TestClient(create_app(batcher, SPEC, max_body_bytes=1 << 20)) as c:
+    with pytest.warns(UserWarning, match="lied"), _in_process_app(weights, [WorkerCore(),
+                                                                          LyingWorkerCore(Lie.SCALE)]) as c:
         r = c.post("/predict", json={"inputs": pixels.tolist()})
         metrics = c.get("/metrics").json()
     _assert_answers(r, _expected(weights[1], pixels))
     assert [f["kind"] for f in metrics["worker_faults"]] == ["lied"]
     assert [w["live"] for w in metrics["workers"]] == [True, False]
+
+
+def test_with_no_honest_worker_left_the_request_gets_503_with_the_reason(weights) -> None:
+    from tempo.testing.faults import Lie, LyingWorkerCore
+
+    with _in_process_app(weights, [LyingWorkerCore(Lie.ZERO_ROW)]) as c:
+        r = c.post("/predict", json={"inputs": torch.rand(2, 3, 16, 16).tolist()})
+        assert r.status_code == 503 and "integrity check failed" in r.json()["error"]
+        assert c.get("/metrics").json()["responses"] == {"503": 1}
