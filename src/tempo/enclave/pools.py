@@ -158,11 +158,11 @@ class LinkPool(WorkerPool):
     def collect(self, index: int, *, payload_bytes: int | None = None) -> Reply:
         with self._link_errors(index):
             waiting = time.monotonic()
+            sent = self._sent_at.pop(index, waiting)
             reply = self._links[index].recv(timeout=self.timeout, payload_bytes=payload_bytes)
             self._in_flight[index] -= 1
             done = time.monotonic()
-            took = done - self._sent_at.pop(index, waiting)
-            self._took[index] = took if done - waiting >= took / 2 else None
+            self._took[index] = done - sent if done - waiting >= (done - sent) / 2 else None
             return reply
 
     def busy(self, index: int) -> bool:
