@@ -377,46 +377,66 @@ def test_parsing_a_huge_request_allocates_nothing_of_its_size():
 
 ROGUE = r"""
 import datetime, json, os, sys, time, torch
-from torch.distributed import QueueEmptyError, TCPStore
-from tempo.wire.dist import JOINS_KEY, answer_key, pair_group
+from torch.distributed import DistError, QueueEmptyError
+from tempo.wire.dist import JOINS_KEY, answer_key, pair_group, reach
 from tempo.wire.join import request
 from tempo.wire.messages import PROTOCOL_VERSION
 
-host, port = sys.argv[1].rsplit(":", 1)
-store = TCPStore(host, int(port), is_master=False, timeout=datetime.timedelta(seconds=60))
+store = reach(sys.argv[1], time.monotonic() + 120)
+print("ready", flush=True)  # the honest workers start now: the join is open
 report = {"forged": 0, "pair": None, "jobs": 0}
 mine = os.urandom(32)
 store.queue_push(JOINS_KEY, request(PROTOCOL_VERSION, "rogue", mine, "00" * 32))  # a guessed proof
 for slot in range(1, 5):  # the old protocol's answer keys
     store.set(f"tempo/accept/{slot}", "refused: go away")
 seen, end = {mine}, time.monotonic() + 30
-while time.monotonic() < end and report["pair"] is None:
-    try:  # read each honest request, forge a refusal (and an 'ok') into its answers, put it back
-        raw = store.queue_pop(JOINS_KEY, block=False)
-        nonce = bytes.fromhex(json.loads(raw)["nonce"])
-        if nonce not in seen:
-            seen.add(nonce)
-            store.queue_push(answer_key(nonce), "00" * 32 + " 1 refused: wrong token")
-            store.queue_push(answer_key(nonce), "00" * 32 + " 1 ok")
-            report["forged"] += 1
-        store.queue_push(JOINS_KEY, raw)
-    except QueueEmptyError:
+
+
+def take_a_pair(slot):
+    # rank 1 of the enclave's pair for `slot`; then wait for a job, as a worker would
+    report["pair"] = slot
+    try:
+        group = pair_group(store, slot, 1, 10, "127.0.0.1")
+        group.recv([torch.empty(1, dtype=torch.int64)], 0, 0).wait(datetime.timedelta(seconds=20))
+        report["jobs"] += 1
+    except RuntimeError:
         pass
-    for key in store.list_keys():  # race for rank 1 of the first pair the enclave opens
-        if key.startswith("tempo/link/") and report["pair"] is None:
-            report["pair"] = int(key.split("/")[2])
-            try:
-                group = pair_group(store, report["pair"], 1, 10, "127.0.0.1")
-                length = torch.empty(1, dtype=torch.int64)
-                group.recv([length], 0, 0).wait(datetime.timedelta(seconds=20))  # a job, as a worker would
-                report["jobs"] += 1
-            except RuntimeError:
-                pass
-    time.sleep(0.005)
+
+
+try:
+    while time.monotonic() < end and report["pair"] is None:
+        try:  # read each honest request, forge a refusal (and an 'ok') into its answers, put it back
+            raw = store.queue_pop(JOINS_KEY, block=False)
+            nonce = bytes.fromhex(json.loads(raw)["nonce"])
+            if nonce not in seen:
+                seen.add(nonce)
+                store.queue_push(answer_key(nonce), "00" * 32 + " 1 refused: wrong token")
+                store.queue_push(answer_key(nonce), "00" * 32 + " 1 ok")
+                report["forged"] += 1
+            store.queue_push(JOINS_KEY, raw)
+        except QueueEmptyError:
+            pass
+        links = [key for key in store.list_keys() if key.startswith("tempo/link/")]
+        if links:  # race for rank 1 of the first pair the enclave opens
+            take_a_pair(int(links[0].split("/")[2]))
+        time.sleep(0.005)
+except DistError:  # the enclave closed its rendezvous: the join is over
+    report["closed"] = True
 print(json.dumps(report))
 """
 RUN = ["--model", "small_cnn", "--train-subset", "256", "--test-subset", "100", "--batch-size", "64",
        "--epochs", "1", "--seed", "3", "--no-progress"]
+
+
+def _outcome(proc: subprocess.Popen, timeout: float) -> tuple[int | None, str, str]:
+    """A process's exit code and output; None (and the process killed) if it did not end within `timeout`."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        return None, out, err
+    return proc.returncode, out, err
 
 
 def test_a_rogue_during_a_real_run_gets_no_link_and_the_run_ends_with_the_fault_free_model(tmp_path):
@@ -426,22 +446,23 @@ def test_a_rogue_during_a_real_run_gets_no_link_and_the_run_ends_with_the_fault_
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     rogue = subprocess.Popen([sys.executable, "-c", ROGUE, address], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
+    assert rogue.stdout.readline() == "ready\n"
     workers = [_worker(address, token, f"gpu-{i}") for i in range(2)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         train(TrainConfig(model="small_cnn", train_subset=256, test_subset=100, batch_size=64, epochs=1, seed=3,
                           in_process_workers=True, workers=2, progress=False, out=tmp_path / "plain"),
               log=lambda _: None)
-    out, err = trainer.communicate(timeout=240)
-    assert trainer.returncode == 0, err
-    rogue_out, rogue_err = rogue.communicate(timeout=60)
-    assert rogue.returncode == 0, rogue_err
+    code, out, err = _outcome(trainer, 300)
+    ends = [_outcome(w, 30) for w in workers]
+    assert code == 0, err + "".join(worker_err for _, _, worker_err in ends)
+    assert [worker_code for worker_code, _, _ in ends] == [0, 0], ends
+    rogue_code, rogue_out, rogue_err = _outcome(rogue, 60)
+    assert rogue_code == 0, rogue_err
     report = json.loads(rogue_out.splitlines()[-1])
     assert report["jobs"] == 0, report
     assert "wrong token (it calls itself 'rogue')" in out + err and "joined (2/2)" in out + err
     assert sorted(re.findall(r"worker '(gpu-\d)' \(slot \d+\) joined", out + err)) == ["gpu-0", "gpu-1"]
-    for w in workers:
-        assert w.wait(timeout=30) == 0, w.stderr.read()
     losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "steps.jsonl").read_text().splitlines()]
               for run in ("run", "plain")]
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)

@@ -68,7 +68,7 @@ MIN_TOKEN_BYTES = 32
 TOKEN_RECIPE = "(umask 077; head -c 32 /dev/urandom | base64 > token)"
 LINK_SETUP_TIMEOUT_S = 10.0  # to open a pair and prove the link, once both sides know the slot
 ANSWER_TIMEOUT_S = 30.0  # for the enclave's answer to a join request (it answers within a poll)
-UNVERIFIED_WAIT_S = 1.0  # how long after an unverified answer a verified one may still follow
+UNVERIFIED_WAIT_S = 3.0  # how long after an unverified answer a verified one may still follow (a busy enclave)
 UNVERIFIED_ATTEMPTS = 3  # slots tried before unverified refusals end the join
 LINK_TAG = 2  # gloo tag of the link proof (frames use 0 and 1)
 STORE_TIMEOUT_S = 10.0  # for one store operation once connected
@@ -216,14 +216,9 @@ def connect(address: str, token: bytes, name: str, *, timeout: float,
     """The worker's side of joining: request a slot with a proof of the token, open the pair, prove the
     link both ways. A failed pair, or an answer not signed with the token, is retried under a new slot
     (`notice` says so); only a signed refusal ends the join at once."""
-    host, port = parse_address(address)
     deadline = time.monotonic() + timeout
+    store = reach(address, deadline)
     try:
-        store = TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=timeout))
-    except (RuntimeError, OSError) as e:
-        raise WorkerLostError(f"cannot reach the enclave at {address}: {e}") from None
-    try:
-        store.set_timeout(datetime.timedelta(seconds=STORE_TIMEOUT_S))
         theirs = store.get(VERSION_KEY)
         if theirs != str(PROTOCOL_VERSION).encode():
             raise ConfigError(f"the enclave at {address} speaks protocol version "
@@ -232,6 +227,24 @@ def connect(address: str, token: bytes, name: str, *, timeout: float,
         return _join(store, token, name, address, deadline, notice)
     except DistError as e:
         raise WorkerLostError(f"lost the rendezvous at {address}: {printable(' '.join(str(e).split()))}") from None
+
+
+def reach(address: str, deadline: float) -> TCPStore:
+    """A client of the rendezvous at `address`, tried every second until `deadline`: a worker started
+    before the enclave connects as soon as it listens (TCPStore's own retries back off for tens of
+    seconds, long enough to miss a join)."""
+    host, port = parse_address(address)
+    while True:
+        try:
+            store = TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=1))
+        except (RuntimeError, OSError) as e:
+            if time.monotonic() > deadline:
+                raise WorkerLostError(f"cannot reach the enclave at {address}: "
+                                      f"{printable(' '.join(str(e).split()))}") from None
+            time.sleep(POLL_S)
+            continue
+        store.set_timeout(datetime.timedelta(seconds=STORE_TIMEOUT_S))
+        return store
 
 
 def _join(store: TCPStore, token: bytes, name: str, address: str, deadline: float,
