@@ -12,6 +12,7 @@ from torch import nn
 import tempo
 from tempo.enclave.pools import InProcessPool
 from tempo.testing.recording import RecordingPool
+from tolerance import assert_as_exact_as_float32
 
 
 def _net() -> nn.Module:
@@ -36,14 +37,16 @@ def test_first_and_last_products_stay_inside_by_default() -> None:
     assert pool.jobs == []
     assert net.engine.anchors.names == ("0", "5")
     assert any("('0', '5') run inside the enclave" in str(w.message) for w in caught)
+    exact = copy.deepcopy(plain).double()  # float32 is judged against float64 (tests/tolerance.py)
     for _ in range(2):
-        model.zero_grad()
-        plain.zero_grad()
-        torch.testing.assert_close(net(x), plain(x), rtol=1e-5, atol=1e-6)
+        for m in (model, plain, exact):
+            m.zero_grad()
+        assert_as_exact_as_float32(net(x), plain(x), exact(x.double()), "output")
         net(x).sum().backward()
         plain(x).sum().backward()
-        for a, b in zip(model.parameters(), plain.parameters(), strict=True):
-            torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+        exact(x.double()).sum().backward()
+        for (name, a), b, c in zip(model.named_parameters(), plain.parameters(), exact.parameters(), strict=True):
+            assert_as_exact_as_float32(a.grad, b.grad, c.grad, f"grad of {name}")
     assert set(pool.jobs) == {"ForwardJob", "BackwardJob"}
     assert pool.jobs.count("ForwardJob") == 4  # only the middle convolution, twice per iteration
 

@@ -106,7 +106,7 @@ def test_matmul_activation_x_activation(workers, scheme, a, b):
 
 @pytest.mark.parametrize("fn", [
     lambda a, b: a @ b, lambda a, b: torch.bmm(a, b), lambda a, b: a.bmm(b),
-    lambda a, b: torch.baddbmm(torch.ones(1), a, b, alpha=0.5),
+    lambda a, b: torch.baddbmm(torch.ones(1, dtype=a.dtype), a, b, alpha=0.5),
 ])
 def test_matmul_spellings(workers, fn):
     compare_with_plain(Call(fn), [rand(3, 4, 5), rand(3, 5, 2)], workers)
