@@ -17,7 +17,7 @@ import hmac
 import json
 from dataclasses import dataclass
 
-MAX_REQUEST_BYTES = 512  # a request is ~250 bytes; anything larger is refused unread beyond this
+MAX_REQUEST_BYTES = 1024  # a request is ~250 bytes (~640 with 64 escaped non-ASCII name characters)
 MAX_NAME_CHARS = 64
 NONCE_BYTES = 32
 MAC_BYTES = 32
@@ -114,8 +114,8 @@ def parse_request(raw: bytes) -> JoinRequest | str:
         return "a malformed join request"
     version, name = value["version"], value["name"]
     nonce, proof = _hex(value["nonce"], NONCE_BYTES), value["proof"]
-    if type(version) is not int or not isinstance(name, str) or len(name) > MAX_NAME_CHARS or nonce is None \
-            or _hex(proof, MAC_BYTES) is None:
+    if type(version) is not int or not 0 <= version < 1 << 31 or not isinstance(name, str) \
+            or len(name) > MAX_NAME_CHARS or nonce is None or _hex(proof, MAC_BYTES) is None:
         return "a malformed join request"
     return JoinRequest(version, name, nonce, proof)
 
